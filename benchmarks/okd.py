@@ -8,8 +8,9 @@ without gradients; OKD (``conf/method/okd.yaml``) backpropagates through the fro
 online module. Steps of the methods alternate, so a shared, busy CPU slows them alike; the ratio is the
 median of the per-round ratios. Target (issue 5): OKD step <= 1.3 x KD step.
 
-Args: ``--variants`` (``lora``; any of lora, prefix, ptuning, or ``lora@K``: LoRA on the last K blocks
-only), ``--repeats`` (3), ``--batch``, ``--prompt``, ``--response``, ``--memory`` (true: peak tensor
+Args: ``--variants`` (``lora,lora@all``; any of lora (the default: the last quarter of the blocks),
+prefix, ptuning, ``lora@all`` (every block), ``lora@K`` (the last K blocks) or ``lora@0.5`` (a fraction
+of them)), ``--repeats`` (3), ``--batch``, ``--prompt``, ``--response``, ``--memory`` (true: peak tensor
 bytes of one step), ``--seed`` (0).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def okd_config(variant: str):
     module, _, last = variant.partition("@")
     cfg = OmegaConf.merge(OmegaConf.load("conf/method/okd.yaml"), {"online_module": module})
     if last:
-        cfg.lora_layers = int(last)
+        cfg.lora_layers = None if last == "all" else float(last) if "." in last else int(last)
     return cfg
 
 
@@ -75,7 +76,7 @@ def run(args: dict) -> dict:
         return build_method(cfg, ctx)
 
     steps = {"kd": make_step(method(OmegaConf.load("conf/method/kd.yaml")), batch)}
-    for variant in as_list(args.get("variants", "lora")):
+    for variant in as_list(args.get("variants", "lora,lora@all")):
         steps[f"okd {variant}"] = make_step(method(okd_config(variant)), batch)
     for step in steps.values():  # warm-up (allocator growth, first-call overheads)
         step()

@@ -345,10 +345,11 @@ def shard_teacher(teacher, config: dict):
     return engine.module
 
 
-def full_params(model, strategy: str):
+def full_params(model, strategy: str, modify: bool = False):
     """A context in which every rank holds ``model``'s full parameters (ZeRO-3 gathers its shards, for
-    saving or for a forward pass outside the engine); a no-op otherwise."""
+    saving or for a forward pass outside the engine); a no-op otherwise. ``modify``: rank 0's changes
+    to them are scattered back to every rank's shard on exit."""
     if strategy != "zero3":
         return contextlib.nullcontext()
     import deepspeed
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0 if modify else None)

@@ -3,7 +3,8 @@
 Per optimizer step: ``train.grad_accum`` micro-batches through ``method.loss`` and one backward each,
 gradient clipping per optimizer, AdamW steps, schedule steps. Every ``eval_every`` steps the student is
 validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is saved to
-``student_best/``; every ``save_every`` steps a resumable checkpoint is written. Running the same job
+``student_best/``; an earlier phase that keeps its best student (MiniLLM's SFT) is validated by loss
+only, and the next phase starts from its lowest-loss student (``phase<i>_best/``); every ``save_every`` steps a resumable checkpoint is written. Running the same job
 again in the same folder resumes from the last checkpoint and reproduces the uninterrupted run.
 """
 from __future__ import annotations
@@ -15,13 +16,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 from kdlab.checkpoint import atomic_dir, load_checkpoint, recover_dir, restore_params, save_checkpoint
 from kdlab.data import batches
 from kdlab import distributed
-from kdlab.evaluation import evaluate
+from kdlab.evaluation import evaluate, test_loss
 
 
 SCHEMA = {
@@ -85,6 +87,7 @@ class Trainer:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.best_rouge = -math.inf
+        self.phase_best_loss = math.inf   # of the running phase, when it keeps its best (Phase.keep_best_valid_loss)
         self.zero = None    # distributed.ZeroStudent owning the "student" group under hardware=zero2/zero3
         if cfg.train.batch_size % (runtime.world_size * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world_size * grad_accum = "
@@ -135,7 +138,7 @@ class Trainer:
     def checkpoint_state(self, phase_index: int, step: int, position: tuple[int, int], method) -> dict:
         state = {
             "phase": phase_index, "step": step, "epoch": position[0], "batch": position[1],
-            "best_rouge": self.best_rouge,
+            "best_rouge": self.best_rouge, "phase_best_loss": self.phase_best_loss,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -167,6 +170,7 @@ class Trainer:
             torch.set_rng_state(state["rank_rng"][self.runtime.rank][0])
             random.setstate(state["rank_rng"][self.runtime.rank][1])
         self.best_rouge = state["best_rouge"]
+        self.phase_best_loss = state.get("phase_best_loss", math.inf)
         method.load_state_dict(state["method"])
 
     def save(self, index: int, step: int, offset: int, position: tuple[int, int], method) -> None:
@@ -204,10 +208,41 @@ class Trainer:
         distributed.barrier()
         return metrics
 
+    def phase_best_dir(self, index: int) -> Path:
+        return self.run_dir / f"phase{index}_best"
+
+    def validate_phase_loss(self, index: int, name: str) -> dict:
+        """Validation loss of a phase that keeps its best student; a new best is saved (safetensors)."""
+        metrics = {}
+        if self.runtime.evaluates:
+            student = self.method.student
+            loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
+                             self.runtime.autocast(), self.vocab_size)
+            metrics[f"valid/{name}_loss"] = loss
+            if loss < self.phase_best_loss:
+                self.phase_best_loss = loss
+                with distributed.full_params(student, self.runtime.strategy):
+                    if self.runtime.is_main:
+                        with atomic_dir(self.phase_best_dir(index)) as tmp:
+                            save_model(student, str(tmp / "model.safetensors"))
+        distributed.barrier()
+        return metrics
+
+    def restore_phase_best(self, index: int) -> None:
+        """Every rank loads the phase's lowest-validation-loss student (ZeRO-3: rank 0's copy is broadcast)."""
+        path = self.phase_best_dir(index) / "model.safetensors"
+        if path.exists():
+            student = self.method.student
+            with distributed.full_params(student, self.runtime.strategy, modify=True):
+                load_model(student, str(path), device=str(self.runtime.device))
+        distributed.barrier()
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         if self.runtime.is_main:
             recover_dir(self.run_dir / "student_best")
+            for index in range(len(self.method.phases())):
+                recover_dir(self.phase_best_dir(index))
         resume = load_checkpoint(self.ckpt_dir)
         start_phase = resume[1]["phase"] if resume else 0
         global_offset = 0
@@ -230,6 +265,8 @@ class Trainer:
         tc, method = self.train_cfg, phase.method
         self.build_optimizers(method, total, phase.schedule or tc.schedule)
         step, epoch, batch_index = 0, 0, 0
+        self.phase_best_loss = math.inf
+        keeps_best = phase.keep_best_valid_loss and not validates and bool(tc.eval_every)
         if resume is not None:
             flat, state = resume
             self.restore(flat, state, method)
@@ -283,8 +320,12 @@ class Trainer:
                 metrics.update({"train/step_time_s": dt, "train/tokens_per_s": tokens / dt, "train/phase": index})
             if validates and tc.eval_every and (step % tc.eval_every == 0 or step == total):
                 metrics.update(self.validate(offset + step))
+            if keeps_best and (step % tc.eval_every == 0 or step == total):
+                metrics.update(self.validate_phase_loss(index, phase.name))
             if metrics:
                 self.logger.log(metrics, step=offset + step)
             if tc.save_every and (step % tc.save_every == 0 or step == total):
                 self.save(index, step, offset, position, method)
         bar.close()
+        if keeps_best:
+            self.restore_phase_best(index)

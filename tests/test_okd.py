@@ -14,8 +14,8 @@ from kdlab.divergences import build_divergence
 from kdlab.hardware import Runtime
 from kdlab.methods import build_method
 from kdlab.methods.base import Context
-from kdlab.methods.okd import OKD
-from kdlab.modeling import byte_tokenizer, random_model
+from kdlab.methods.okd import OKD, adapted_blocks
+from kdlab.modeling import byte_tokenizer, layer_list, random_model
 
 ROOT_CONF = OmegaConf.load("conf/method/okd.yaml")
 TOK = byte_tokenizer()
@@ -235,16 +235,44 @@ def test_lora_targets_the_attention_projections_of_the_chosen_blocks(arch, targe
         names = [n for n, p in method.peft.named_parameters() if p.requires_grad]
         return {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names}, {int(n.split(".")[4]) for n in names}
 
-    assert adapted(build(arch)) == (targets, {0, 1})
+    assert adapted(build(arch, lora_layers=None)) == (targets, {0, 1})
+    assert adapted(build(arch)) == (targets, {1})  # the default last quarter of 2 blocks: ceil(0.5) = 1
     assert adapted(build(arch, lora_layers=1)) == (targets, {1})
     mlp = "up_proj" if arch == "llama" else "c_fc"
-    assert adapted(build(arch, target_modules=[mlp])) == ({mlp}, {0, 1})
+    assert adapted(build(arch, target_modules=[mlp], lora_layers=None)) == ({mlp}, {0, 1})
+
+
+@pytest.mark.parametrize("depth, lora_layers, blocks", [
+    (30, 0.25, range(22, 30)), (48, 0.25, range(36, 48)), (30, 0.1, range(27, 30)), (4, 0.5, range(2, 4)),
+    (30, 8, range(22, 30)), (4, 10, range(4)), (30, None, None)])
+def test_lora_layers_picks_the_last_blocks_by_count_or_fraction(depth, lora_layers, blocks):
+    assert adapted_blocks(depth, lora_layers) == (None if blocks is None else list(blocks))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lora_layers, graph_blocks", [(None, [0, 1, 2, 3]), (0.25, [3]), (2, [2, 3])])
+def test_the_teachers_backward_stops_at_the_lowest_adapted_block(arch, lora_layers, graph_blocks):
+    """Why ``lora_layers`` makes OKD cheap: blocks below the lowest adapter are not differentiated."""
+    teacher = random_model({"arch": arch, "hidden_size": 32, "num_layers": 4, "num_heads": 2, "intermediate_size": 64,
+                            "max_positions": 256, "seed": 0}, V).requires_grad_(False).eval()
+    method = build(teacher_student=(teacher, models(arch)[1]), lora_layers=lora_layers)
+    in_graph = {}
+    for index, block in enumerate(layer_list(method.teacher)):
+        block.register_forward_hook(lambda _m, _i, out, index=index: in_graph.__setitem__(
+            index, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    method.loss(random_batches(1)[0], 0).loss.backward()
+    assert [i for i, tracked in sorted(in_graph.items()) if tracked] == graph_blocks
+    assert all(p.grad is not None for p in method.module_params)
 
 
 def test_config_errors_name_the_fix():
     OKD.validate(ROOT_CONF)
-    with pytest.raises(ConfigError, match="lora_layers=2 applies to LoRA only"):
-        OKD.validate(OmegaConf.merge(ROOT_CONF, {"online_module": "prefix", "lora_layers": 2}))
+    OKD.validate(OmegaConf.merge(ROOT_CONF, {"online_module": "prefix"}))  # the default lora_layers is ignored
+    for bad in (1.0, 0, 0.0, -2, 1.5, "half", True):
+        with pytest.raises(ConfigError, match=f"method.lora_layers={bad!r} is neither .* set method.lora_layers=0.25"):
+            OKD.validate(OmegaConf.merge(ROOT_CONF, {"lora_layers": bad}))
+    for good in (0.5, 3, None):
+        OKD.validate(OmegaConf.merge(ROOT_CONF, {"lora_layers": good}))
     with pytest.raises(ConfigError, match="method.scaling=0.5 is out of range"):
         OKD.validate(OmegaConf.merge(ROOT_CONF, {"scaling": 0.5}))
     with pytest.raises(ConfigError, match="online_module='adapter' is not valid"):

@@ -40,6 +40,8 @@ class Phase:
     method: "Method"
     max_steps: int | None = None        # None: the run's train.max_steps / epochs
     schedule: str | None = None         # None: train.schedule (MiniLLM's phase 2 is constant)
+    # a phase before the last: end on its student with the lowest validation loss (MiniLLM's SFT phase)
+    keep_best_valid_loss: bool = False
 
 
 @dataclass

@@ -4,9 +4,10 @@ Minimises the sequence-level reverse KL ``KL(q_theta || p)`` by policy gradient,
 
 1. ``sft``: maximum likelihood on the gold responses (``method.sft_steps`` steps at ``method.sft_lr``;
    null: as many steps as the run's ``train.max_steps``/``epochs``; 0: skip it, e.g. when the student
-   is already an SFT checkpoint). MiniLLM selects its phase-1 checkpoint by validation loss; kdlab
-   validates only in the last phase, so phase 2 starts from the *last* SFT step. To reproduce the
-   paper's selection, train ``method=sft`` separately and start from it with ``method.sft_steps=0``.
+   is already an SFT checkpoint). As in MiniLLM, phase 2 starts from the phase-1 student with the
+   lowest validation loss: every ``train.eval_every`` steps (and at the phase's end) the SFT student's
+   loss on the validation split is logged as ``valid/sft_loss`` and a new best is kept in
+   ``phase0_best/`` (with ``train.eval_every=null``, the last SFT step).
 2. ``minillm``: PPO-style updates on rollouts drawn from the teacher-mixed distribution
    ``p~ = alpha p + (1 - alpha) q`` (alpha = 0.2, temperature 1, no top-k/top-p), with
 
@@ -111,7 +112,7 @@ class MiniLLM(Method):
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
         if self.cfg.sft_steps != 0:
             sft = SFT(OmegaConf.create({"name": "sft", "lr": self.cfg.sft_lr}), self.ctx)
-            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps))
+            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True))
         return phases
 
     def state_dict(self) -> dict:
