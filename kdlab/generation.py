@@ -23,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from kdlab.config import Range
 
@@ -123,6 +125,18 @@ def filter_top_k_top_p(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) 
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def ranks_finished(finished: torch.Tensor) -> bool:
+    """Whether decoding may stop: this rank's rows are all done and, under ZeRO-3 with several ranks
+    (every forward gathers parameter shards collectively), every other rank's are too, as transformers'
+    ``generate(synced_gpus=True)`` does; a rank that is done keeps stepping, its rows padded."""
+    done = bool(finished.all())
+    if is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if done else 1.0], device=finished.device)
+        dist.all_reduce(flag)   # the number of ranks still decoding
+        return flag.item() == 0
+    return done
+
+
 def _step(model, ids, mask, positions, cache, vocab: int, temperature: float):
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
@@ -168,7 +182,7 @@ def sample_mixture(student, teacher, tokenizer, prompt_ids, prompt_mask, *, alph
             lp_student.append(logq.gather(1, pick).squeeze(1))
             lp_teacher.append(logp.gather(1, pick).squeeze(1))
             finished |= token == eos
-            if finished.all():
+            if ranks_finished(finished):
                 break
             ids = pick
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

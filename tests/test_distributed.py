@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,51 @@ def test_gradients_are_averaged_and_logs_reduced_over_ranks(tmp_path):
         assert got["logs"] == {"loss": 2.0, "only0": 5.0, "tokens": 30}
 
 
+# -- MiniLLM's sampler under ZeRO-3 (2 gloo processes) -----------------------------------------------
+class ForcedEOS(torch.nn.Module):
+    """A model whose every step says EOS (``bias`` +1e4) or never does (-1e4); counts its forwards."""
+
+    def __init__(self, model, eos: int, bias: float):
+        super().__init__()
+        self.model, self.eos, self.bias, self.calls = model, eos, bias, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        out = self.model(**kwargs)
+        out.logits[..., self.eos] += self.bias
+        return out
+
+
+def _mixture_worker(rank: int, store_path: str, out_path: str, synced: bool) -> None:
+    import torch.distributed as dist
+    from kdlab import generation
+    from kdlab.modeling import byte_tokenizer, random_model
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    generation.is_deepspeed_zero3_enabled = lambda: synced
+    tok = byte_tokenizer()
+    arch = {"arch": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
+            "max_positions": 64}
+    bias = 1e4 if rank == 0 else -1e4      # rank 0 is done after one token, rank 1 never before the limit
+    student, teacher = (ForcedEOS(random_model({**arch, "seed": s}, len(tok)), tok.eos_token_id, bias) for s in (0, 1))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    g = generation.sample_mixture(student, teacher, tok, ids, torch.ones_like(ids), alpha=0.2, max_new_tokens=5, seed=0)
+    torch.save({"calls": (student.calls, teacher.calls), "lengths": g.response_mask.sum(1).tolist()}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_mixture_sampling_keeps_ranks_in_step_under_zero3(synced, tmp_path):
+    """Under ZeRO-3 each forward is collective: a rank whose rows have all ended keeps stepping (padding
+    them) until every rank has, else the others would wait forever for its shard gathers."""
+    torch.multiprocessing.spawn(_mixture_worker, args=(str(tmp_path / "store"), str(tmp_path / "out"), synced),
+                                nprocs=2)
+    done, running = (torch.load(tmp_path / f"out.{rank}") for rank in range(2))
+    assert done["lengths"] == [1, 1] and running["lengths"] == [5, 5]   # EOS counts in the response
+    assert running["calls"] == (5, 5)
+    assert done["calls"] == ((5, 5) if synced else (1, 1))
+
+
 # -- DeepSpeed configs -----------------------------------------------------------------------------
 def hardware(name: str):
     return OmegaConf.load(ROOT / "conf" / "hardware" / f"{name}.yaml")
@@ -119,6 +166,15 @@ def launch(run_dir: Path, *args: str, nproc: int = 2, env_extra: dict | None = N
         if nproc > 1 else [sys.executable]
     return subprocess.Popen([*head, "-m", "kdlab.run", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL the launcher and every rank, as a preempted SLURM job (torchrun starts each rank in a
+    session of its own, so killing its process group would leave the ranks running)."""
+    import psutil
+    launcher = psutil.Process(pid)
+    for proc in [*launcher.children(recursive=True), launcher]:
+        proc.kill()
 
 
 def shm_op_built() -> bool:
@@ -223,3 +279,31 @@ def test_zero2_on_cpu_matches_one_process_on_the_same_global_batch(runs):
     assert loss == pytest.approx(train_losses(runs["single"]), rel=1e-5)
     assert_same_student(run_dir, runs["single"], atol=2e-5)
     assert json.loads((run_dir / "results.json").read_text())["run"]["status"] == "completed"
+
+
+def test_a_killed_ddp_job_resumes_exactly(tmp_path):
+    """Two ranks of on-policy GKD (each rank samples with its own RNG stream) killed with SIGKILL after
+    their step-8 checkpoint, then rerun: the same losses at every step and a bit-identical student."""
+    args = ["+experiment=smoke", "method=gkd", "train.max_steps=40", "train.batch_size=4", "train.save_every=4",
+            "train.log_every=1", "train.eval_every=null", "eval.models=[student]", *CPU_DDP]
+    reference = launch(tmp_path / "uninterrupted", *args)
+    killed = launch(tmp_path / "killed", *args)
+    pointer = tmp_path / "killed" / "checkpoints" / "LAST"
+    deadline = time.time() + 400
+    while time.time() < deadline and killed.poll() is None:
+        if pointer.exists() and int(pointer.read_text().split("-")[1]) >= 8:
+            kill_job(killed.pid)
+            break
+        time.sleep(0.05)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = launch(tmp_path / "killed", *args)
+    for name, proc in {"uninterrupted": reference, "resumed": resumed}.items():
+        out = proc.communicate(timeout=500)[0]
+        assert proc.returncode == 0, f"{name} failed:\n{out[-4000:]}"
+    steps = [line["step"] for line in metric_lines(tmp_path / "killed")]
+    assert steps == sorted(set(steps)), "the resumed job logged some steps twice"
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "uninterrupted")
+    assert sorted(train_losses(tmp_path / "killed")) == list(range(1, 41))
+    assert_same_student(tmp_path / "killed", tmp_path / "uninterrupted", atol=0)
