@@ -40,7 +40,8 @@ def test_sweep_is_a_multirun_over_valid_choices(name):
     assert spec["hydra"]["mode"] == "MULTIRUN"
     params = spec["hydra"]["sweeper"]["params"]
     experiment = {"okd-ablation-divergence": "okd-ablation", "okd-ablation-module": "okd-ablation",
-                  "okd-ablation-rank": "okd-ablation", "okd-ablation-alpha": "okd-ablation"}.get(name)
+                  "okd-ablation-rank": "okd-ablation", "okd-ablation-alpha": "okd-ablation",
+                  "okd-ablation-blocks": "okd-ablation"}.get(name)
     base = [f"+experiment={experiment}", "hardware=cpu"] if experiment else []
     for key, values in params.items():
         for value in str(values).split(","):
