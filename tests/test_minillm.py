@@ -1,4 +1,6 @@
-"""MiniLLM: importance weights, clipping, advantages, the loss on fixed rollouts, state, and training."""
+"""MiniLLM: importance weights, clipping, advantages, the loss on fixed rollouts, state, training, and
+the pre-training (PTX) corpus."""
+import json
 import math
 
 import pytest
@@ -9,7 +11,9 @@ from omegaconf import OmegaConf
 from kdlab.methods import minillm
 from conftest import ROOT, tiny_method
 from conftest import first_batch as shared_first_batch
+from kdlab.config import ConfigError
 from kdlab.data import batches, encode, load_splits
+from kdlab.data.corpus import pack_corpus
 from kdlab.generation import generate
 from kdlab.methods.minillm import advantages, clipped_surrogate, mixture_weights, whiten
 from kdlab.student import build_student
@@ -212,3 +216,54 @@ def test_training_lowers_reverse_kl_on_held_out_prompts(setup):
         opt.zero_grad()
     after = heldout_reverse_kl(student, teacher, tok, held_out)
     assert after < 0.5 * before, (before, after)
+
+
+# -- the pre-training (PTX) corpus -------------------------------------------------------------------
+def test_a_corpus_is_packed_into_rows_with_eos_between_documents(setup, tmp_path):
+    tok = setup[2]
+    docs = ["the first document", "second one, a little longer than the first", "third"]
+    stream = [t for d in docs for t in tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]]
+    (tmp_path / "c.txt").write_text("\n".join([docs[0], "", docs[1], docs[2]]) + "\n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for name in ("c.txt", "c.jsonl"):
+        rows = pack_corpus(str(tmp_path / name), tok, 7, 10**6)
+        assert rows.shape == (len(stream) // 7, 7) and rows.flatten().tolist() == stream[: rows.numel()]
+    capped = pack_corpus(str(tmp_path / "c.txt"), tok, 7, 20)
+    assert capped.flatten().tolist() == stream[:14]
+
+
+def test_corpus_errors_name_the_key_and_the_fix(setup, tmp_path):
+    tok = setup[2]
+    with pytest.raises(ConfigError, match=r"method.ptx_corpus=.*missing.txt: no such file.*ptx_corpus=null"):
+        make_method(setup, ptx_corpus=str(tmp_path / "missing.txt"))
+    (tmp_path / "short.txt").write_text("hi\n")
+    with pytest.raises(ConfigError, match="fewer than one row of 512"):
+        pack_corpus(str(tmp_path / "short.txt"), tok, 512, 10**6)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="line 1 has no string field 'text'"):
+        pack_corpus(str(tmp_path / "bad.jsonl"), tok, 4, 10**6)
+
+
+def test_ptx_loss_on_a_corpus_matches_a_slow_reference(setup, tmp_path):
+    tok = setup[2]
+    (tmp_path / "c.txt").write_text("".join(f"document number {i} says something about {i * 7}\n" for i in range(40)))
+    method = make_method(setup, ptx_corpus=str(tmp_path / "c.txt"), ptx_length=16)
+    batch = first_batch(setup, size=3)
+    torch.manual_seed(5)
+    got = method.ptx_loss(batch)
+    torch.manual_seed(5)
+    picked = method.ptx_rows[torch.randint(len(method.ptx_rows), (3,))]
+    total, count = 0.0, 0
+    for row in picked:
+        logits = method.student(input_ids=row[None]).logits[0, :, : len(tok)]
+        for t in range(15):
+            total -= F.log_softmax(logits[t].double(), -1)[row[t + 1]].item()
+            count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)
+    # without a corpus the gold responses of the batch stand in
+    no_corpus = make_method(setup)
+    assert no_corpus.ptx_rows is None
+    expected = no_corpus.nll(no_corpus.logits(no_corpus.student, batch), batch)
+    assert no_corpus.ptx_loss(batch).item() == pytest.approx(expected.item())

@@ -22,8 +22,11 @@ Minimises the sequence-level reverse KL ``KL(q_theta || p)`` by policy gradient,
    - clipped ratio ``rho_t = q_theta(y_t) / q_old(y_t)``, eps = 0.2:
      ``L = mean_t[-w_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + w_t KL_t] + ptx_weight * L_ptx``
      (means over the sampled tokens of the minibatch);
-   - ``L_ptx``: the LM loss on the gold responses of the trainer's current batch (the training set as
-     the "pre-training" corpus; LMOps uses a separate corpus such as OpenWebText), weight 0.5.
+   - ``L_ptx``, weight 0.5: the LM loss on a pre-training corpus as in LMOps (OpenWebText for GPT-2):
+     ``method.ptx_corpus=<local .txt or .jsonl>`` packed into rows of ``ptx_length`` tokens
+     (:mod:`kdlab.data.corpus`), one row per sequence of the micro-batch drawn at random from the
+     trainer's RNG stream; with ``ptx_corpus=null`` (the default, since kdlab ships no such corpus) the
+     gold responses of the trainer's current batch stand in.
 
 Mapping onto kdlab's trainer: **one trainer micro-batch = one PPO minibatch update** (the minibatch
 has the micro-batch's size). ``loss`` refills the rollout buffer when its schedule is exhausted: it
@@ -39,10 +42,12 @@ RNG stream, so a resumed run continues exactly. The learning-rate schedule is th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdlab.config import OneOf, Range, Type
 from kdlab.data import Encoded, collate, left_pad
+from kdlab.data.corpus import check_corpus, pack_corpus
 from kdlab.generation import SAMPLING_SCHEMA, sample_mixture
 from kdlab.methods.base import LossOutput, Method, Phase
 from kdlab.methods.dpkd import reverse_kl, token_logprobs
@@ -98,8 +103,15 @@ class MiniLLM(Method):
               "alpha": Range(0, 1), "rollouts": Range(1, integer=True), "ppo_epochs": Range(1, integer=True),
               "clip_ratio": Range(0, low_open=True), "gamma": Range(0, 1), "reward_scale": Range(0, low_open=True),
               "reward_clip": Range(0, low_open=True), "length_norm": Type(bool), "single_step": Type(bool),
-              "ptx_weight": Range(0), **SAMPLING_SCHEMA, "max_new_tokens": Range(1, integer=True, optional=True),
+              "ptx_weight": Range(0), "ptx_corpus": Type(str, optional=True), "ptx_length": Range(2, integer=True),
+              "ptx_max_tokens": Range(1, integer=True), **SAMPLING_SCHEMA, "max_new_tokens": Range(1, integer=True, optional=True),
               "schedule": OneOf("constant", "linear")}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.ptx_corpus and cfg.ptx_weight:
+            check_corpus(cfg.ptx_corpus, "method.ptx_corpus")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -107,6 +119,8 @@ class MiniLLM(Method):
         self.buffer: list[dict] = []                     # one dict of 1-D tensors per rollout
         self.schedule: list[list[int]] = []             # remaining minibatches (buffer indices)
         self.last_reward = 0.0
+        self.ptx_rows = None if not cfg.ptx_corpus or not cfg.ptx_weight else pack_corpus(
+            cfg.ptx_corpus, ctx.tokenizer, cfg.ptx_length, cfg.ptx_max_tokens)
 
     def phases(self) -> list[Phase]:
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
@@ -184,10 +198,18 @@ class MiniLLM(Method):
                 "ratio": (logprobs - old).exp().mean().item(), "reward": self.last_reward,
                 "response_len": seqs.response_mask.sum().item() / len(rollouts)}
         if cfg.ptx_weight:
-            ptx = self.nll(self.logits(self.student, batch), batch)
+            ptx = self.ptx_loss(batch)
             loss = loss + cfg.ptx_weight * ptx
             logs["ptx"] = ptx.item()
         return LossOutput(loss, logs)
+
+    def ptx_loss(self, batch) -> torch.Tensor:
+        """Mean next-token NLL of ``len(batch)`` random corpus rows, or of the batch's gold responses."""
+        if self.ptx_rows is None:
+            return self.nll(self.logits(self.student, batch), batch)
+        rows = self.ptx_rows[torch.randint(len(self.ptx_rows), (len(batch),))].to(batch.input_ids.device)
+        logits = self.student(input_ids=rows).logits[:, :-1, : self.ctx.vocab_size]
+        return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
 
 
 METHOD = MiniLLM
