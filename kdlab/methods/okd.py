@@ -38,7 +38,7 @@ Defaults and departures:
   backward from the LM head down to the lowest adapted block (the teacher forward runs with autograd
   here, unlike ``kd``'s no-grad forward). From block 0 that backward costs about one more teacher
   forward (the input gradient of every frozen matmul), so no implementation brings an all-block OKD
-  step under ~1.6x a ``kd`` step on the embedded pair (measured ~3x), and a larger teacher is worse;
+  step under ~1.6x a ``kd`` step on the embedded pair (measured 1.9-3x), and a larger teacher is worse;
   from the last quarter it is ~1.2x (issue 5's budget: 1.3x). On the embedded pair (BENCHMARKS.md,
   "OKD: where the adapters go", 2 seeds) every block trains a better student per step (test loss 1.87
   vs 2.09 after 100 steps) and the last quarter a better one per unit of training time (1.65 vs 1.87
