@@ -16,7 +16,11 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
 - a "Missing/failed runs" section: run directories (``.hydra/`` or ``config.yaml``) without
   ``results.json``, and results whose ``status`` is not ``completed``. They are never averaged in.
 
-Methods are labelled ``method (divergence)`` when the run names a divergence.
+Methods are labelled ``method (divergence)`` when the run names a divergence, followed by the run's
+other command-line overrides (results.json ``run.overrides``, e.g. ``[method.lora_layers=null]``) so
+that the points of an ablation grid get a row each; overrides that do not change what is trained or
+measured (``hardware``, ``logger``, ``hydra``, ``output_dir``) and those the table already shows
+(``divergence``, ``dataset``, ``teacher``) are left out of the label.
 """
 from __future__ import annotations
 
@@ -37,6 +41,21 @@ import yaml
 SKIP_DIRS = {".hydra", "wandb", "checkpoints", "student", "student_best", "__pycache__"}
 METHOD_ORDER = ["sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "okd"]
 UNC_FIELDS = (("std", "std"), ("kl", "KL"), ("top1", "TOP-1 agreement"))
+UNLABELLED = re.compile(r"^(hardware|logger|hydra|output_dir|divergence|dataset|teacher)([./=]|$)")
+
+
+def split_overrides(overrides: str) -> list[str]:
+    """Hydra's ``override_dirname`` (``a=1,b.c=[x,y]``) back into its overrides (commas in brackets stay)."""
+    parts, depth, current = [], 0, ""
+    for char in overrides:
+        depth += char in "[{("
+        depth -= char in "]})"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in parts + [current] if p]
 
 
 @dataclass
@@ -48,7 +67,9 @@ class Run:
     @property
     def label(self) -> str:
         method, div = self.meta.get("method"), self.meta.get("divergence")
-        return f"{method} ({div})" if div else str(method)
+        label = f"{method} ({div})" if div else str(method)
+        extra = [o for o in split_overrides(self.meta.get("overrides") or "") if not UNLABELLED.match(o.lstrip("+~"))]
+        return f"{label} [{', '.join(extra)}]" if extra else label
 
     @property
     def table(self) -> tuple:

@@ -103,7 +103,7 @@ def run(cfg) -> dict:
         results = read_json(results_path)
         print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{format_table(results['eval'])}")
         return results
-    return train_and_evaluate(cfg, run_dir)
+    return train_and_evaluate(cfg, run_dir, HydraConfig.get().job.override_dirname)
 
 
 def check_same_job(cfg, run_dir: Path) -> None:
@@ -120,7 +120,9 @@ def check_same_job(cfg, run_dir: Path) -> None:
     atomic_write_text(saved, current)   # atomic: the ranks of a distributed job all write it and read it
 
 
-def train_and_evaluate(cfg, run_dir: Path) -> dict:
+def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
+    """Train and evaluate one job in ``run_dir``; ``overrides`` (Hydra's ``override_dirname``: the command
+    line minus seed, method, student, ...) goes into results.json, where ``kdlab.report`` tells configurations apart by it."""
     from transformers import AutoModelForCausalLM
 
     from kdlab.data import encode, load_splits
@@ -228,7 +230,7 @@ def train_and_evaluate(cfg, run_dir: Path) -> dict:
     results = {
         "run": {"method": cfg.method.name, "student": cfg.student.name, "teacher": cfg.teacher.name,
                 "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
-                "experiment": cfg.experiment, "train_time_s": info["train_time_s"],
+                "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
                 "selected": "best" if cfg.train.select_best and (run_dir / "student_best").exists() else "final",
                 "status": "completed"},
         "eval": evals,

@@ -150,3 +150,24 @@ def test_single_seed_std_is_dash(tmp_path):
     assert f"{student_score('sft', 1, 'dolly'):.2f} ± - (1)" in md
     assert read_csv(out / "report.csv")[("sft", "dolly")]["std"] == ""
     assert "None." in md.split("## Missing/failed runs", 1)[1]
+
+
+def test_ablation_points_get_a_row_each(tmp_path):
+    """Runs of one method that differ in an override (an ablation grid) are not averaged together;
+    overrides that change nothing measured (hardware, logger) or that the table shows (divergence)
+    stay out of the label."""
+    for seed in SEEDS:
+        for overrides, score in (("method.lora_layers=0.25,hardware.num_threads=1", 30.0),
+                                 ("divergence=fkl,eval.datasets=[sni,unni],method.lora_layers=null", 40.0)):
+            run_dir = tmp_path / overrides.replace("/", "_") / f"s{seed}"
+            write_run(run_dir, "kd", seed)
+            results = json.loads((run_dir / "results.json").read_text())
+            results["run"]["overrides"] = overrides
+            for dataset in DATASETS:
+                results["eval"]["student"][dataset]["rougeL"] = score + seed
+            (run_dir / "results.json").write_text(json.dumps(results))
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "report.csv") as f:
+        cells = {(r["method"], r["eval_dataset"]): float(r["mean"]) for r in csv.DictReader(f) if r["method"] != "teacher"}
+    assert cells[("kd (fkl) [method.lora_layers=0.25]", "dolly")] == pytest.approx(31.5)
+    assert cells[("kd (fkl) [eval.datasets=[sni,unni], method.lora_layers=null]", "dolly")] == pytest.approx(41.5)

@@ -42,6 +42,8 @@ def test_training_lowers_the_loss_on_held_out_data(tmp_path):
                      "train.eval_every=40", f"hydra.run.dir={run_dir}")
     res = results(run_dir)["eval"]
     assert res["student"]["synthetic"]["loss"] < res["student_init"]["synthetic"]["loss"] - 0.5, proc.stdout[-2000:]
+    # what kdlab.report tells configurations apart by (seed, method, experiment... are excluded)
+    assert results(run_dir)["run"]["overrides"] == "method.lr=3e-3,train.eval_every=40,train.max_steps=40"
 
 
 def test_multirun_seeds_go_to_separate_folders(tmp_path):
