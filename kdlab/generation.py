@@ -5,6 +5,8 @@ Two samplers, both batched over left-padded prompts with KV caches and an EOS st
 
 - :func:`generate`: one model through transformers' ``generate`` (greedy or temperature / top-k /
   top-p sampling); optionally the log-probability of each generated token.
+- both draw tokens with :func:`sample_rows` (inverse CDF: one uniform per row) rather than
+  ``torch.multinomial`` (one exponential per vocabulary entry, a third of a CPU decoding step).
 - :func:`sample_mixture`: each token drawn from the token-level mixture
   ``alpha * p_teacher + (1 - alpha) * q_student`` (MiniLLM, Gu et al. 2024, Sec. 2.3 "teacher-mixed
   sampling", alpha = 0.2), a decode loop of our own that keeps one KV cache per model, since
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from kdlab.config import Range
@@ -80,19 +83,23 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, 
     ``return_logprobs`` adds ``Generated.logprobs``: ``log softmax(z / T)`` at each generated token, from
     the raw logits ``z`` (``output_logits``), with ``T`` the sampling temperature (1 when greedy).
     ``num_beams > 1`` is beam search (SeqKD's mode approximation); its log-probs are not returned.
+    Sampling runs as greedy search whose last logits processor draws the token
+    (:class:`InverseCDFSampling`): the same distribution as transformers' sampler, another stream.
     """
-    if num_beams > 1 and return_logprobs:
-        raise ValueError("return_logprobs is not available with beam search (num_beams > 1)")
+    if num_beams > 1 and (return_logprobs or do_sample):
+        raise ValueError("beam search (num_beams > 1) is greedy and returns no log-probs: pass do_sample=False, "
+                         "return_logprobs=False, or num_beams=1")
     was_training = model.training
     model.eval()
     # top_k=0 and top_p=1 are passed explicitly: None would fall back to the model's generation_config
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+    # sampling runs as greedy search whose last logits processor draws the token (InverseCDFSampling);
+    # temperature/top-k/top-p are None so that the model's generation_config adds no warper of its own
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, no_repeat_ngram_size=no_repeat_ngram_size or None,
-                  return_dict_in_generate=True, output_logits=return_logprobs, num_beams=num_beams)
+                  return_dict_in_generate=True, output_logits=return_logprobs, num_beams=num_beams,
+                  temperature=None, top_p=None, top_k=None)
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampling(temperature, top_k, top_p)])
     devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
     seed = _seed(seed) if do_sample else 0
     try:
@@ -137,6 +144,31 @@ def ranks_finished(finished: torch.Tensor) -> bool:
     return done
 
 
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs (B, V)`` (non-negative rows), drawn by inverse-CDF sampling: one
+    uniform per row, searched in the row's cumulative sum (float64). Exact, like ``torch.multinomial``,
+    which instead draws one exponential per vocabulary entry: a third of a batch-16 decoding step of
+    the 6-layer student on a CPU at V = 49,152 (profiled)."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+class InverseCDFSampling(LogitsProcessor):
+    """Sampling for transformers' ``generate`` run in greedy mode: temperature, top-k, top-p, then
+    :func:`sample_rows` draws the token and every other score becomes -inf, so the greedy argmax
+    returns the draw. (The processors ``generate`` adds itself, e.g. no-repeat-n-gram bans, run first.)"""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = filter_top_k_top_p(F.softmax(scores.float() / self.temperature, dim=-1), self.top_k, self.top_p)
+        token = sample_rows(probs)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
+
+
 def _step(model, ids, mask, positions, cache, vocab: int, temperature: float):
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
@@ -174,7 +206,7 @@ def sample_mixture(student, teacher, tokenizer, prompt_ids, prompt_mask, *, alph
             (logq, caches[0]), (logp, caches[1]) = (_step(m, ids, mask, positions, c, vocab, temperature)
                                                    for m, c in zip(models, caches))
             mixture = alpha * logp.exp() + (1 - alpha) * logq.exp()
-            token = torch.multinomial(filter_top_k_top_p(mixture, top_k, top_p), 1, generator=rng).squeeze(1)
+            token = sample_rows(filter_top_k_top_p(mixture, top_k, top_p), rng)
             token = token.masked_fill(finished, pad)
             pick = token[:, None]
             tokens.append(token)

@@ -1,4 +1,5 @@
 """The generation engine: mixture sampling, KV-cached decoding with left padding, log-probs, batches."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from kdlab.data import Encoded, collate, left_pad
 from kdlab.generation import (Generated, filter_top_k_top_p, generate, response_mask, sample_mixture,
-                              to_batch)
+                              sample_rows, to_batch)
 from kdlab.modeling import byte_tokenizer, random_model, response_logits
 
 TEACHER = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_positions=256,
@@ -178,3 +179,43 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny):
     assert scores[1] >= scores[0] - 1e-5
     with pytest.raises(ValueError, match="beam search"):
         generate(teacher, tok, ids, mask, max_new_tokens=2, num_beams=2, return_logprobs=True)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    keep = probs > 0
+    expected = counts.sum() * probs[keep]
+    return (((counts[keep] - expected) ** 2) / expected).sum().item()
+
+
+def test_inverse_cdf_sampling_draws_each_row_from_its_distribution():
+    """Chi-square of 30,000 draws per row (0.999 quantile with 4 degrees of freedom: 18.5); zero-probability
+    entries are never drawn, also at the ends of the row."""
+    probs = torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.1, 0.1, 0.1], [0.3, 0.0, 0.0, 0.3, 0.2, 0.1, 0.1]]).double()
+    n = 30_000
+    draws = sample_rows(probs.repeat_interleave(n, 0), torch.Generator().manual_seed(0)).view(2, n)
+    for row, p in zip(draws, probs):
+        counts = torch.bincount(row, minlength=7).double()
+        assert counts[p == 0].sum() == 0
+        assert chi_square(counts, p) < 18.5, counts
+    unnormalised = torch.tensor([[0.0, 3.0, 1.0]])       # rows need not sum to 1
+    counts = torch.bincount(sample_rows(unnormalised.expand(n, 3), torch.Generator().manual_seed(1)), minlength=3)
+    assert counts[0] == 0 and chi_square(counts.double(), torch.tensor([0.0, 0.75, 0.25])) < 10.8
+
+
+def test_generate_samples_from_the_tempered_filtered_distribution(tiny):
+    """First tokens of 6,000 identical prompts against softmax(z / T) after top-k then top-p."""
+    student = copy.deepcopy(tiny[0])
+    tok = tiny[2]
+    with torch.no_grad():   # a peaked distribution, so that a wrong temperature shows
+        student.model.norm.weight.mul_(8.0)
+    prompt = torch.tensor([tok.encode("hello")] * 6000)
+    with torch.no_grad():
+        logits = student(prompt[:1]).logits[0, -1, :257]
+    for temperature, top_k, top_p in ((1.3, 0, 1.0), (0.8, 20, 1.0), (1.0, 0, 0.3)):
+        probs = filter_top_k_top_p(F.softmax(logits / temperature, -1)[None], top_k, top_p)[0].double()
+        out = generate(student, tok, prompt, torch.ones_like(prompt), max_new_tokens=1, do_sample=True,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+        counts = torch.bincount(out.response_ids[:, 0], minlength=257).double()
+        assert counts[probs == 0].sum() == 0
+        dof = int((probs > 0).sum()) - 1
+        assert chi_square(counts, probs) < dof + 4 * (2 * dof) ** 0.5 + 10, (temperature, top_k, top_p)

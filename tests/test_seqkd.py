@@ -147,3 +147,16 @@ def test_seqkd_jobs_share_the_teachers_responses(tmp_path):
     assert proc.stdout.count("wrote the teacher's responses") == 1
     assert proc.stdout.count("reusing the teacher's responses") == 1
     assert len(list(tmp_path.rglob("results.json"))) == 2
+
+
+def test_beam_sampling_is_refused_with_the_fix():
+    from kdlab.config import ConfigError
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["method=seqkd", "method.generation.do_sample=true"])
+        SeqKD.validate(cfg.method)
+        cfg = compose("config", overrides=["method=seqkd", "method.generation.do_sample=true",
+                                           "method.generation.num_beams=5"])
+    with pytest.raises(ConfigError, match="do_sample=true with num_beams=5: beam sampling is not supported; set "
+                                          "num_beams=1 to sample or do_sample=false"):
+        SeqKD.validate(cfg.method)

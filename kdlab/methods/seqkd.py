@@ -60,6 +60,9 @@ class SeqKD(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         check_section("method.generation", cfg.generation, GENERATION_SCHEMA)
+        if cfg.generation.do_sample and cfg.generation.num_beams > 1:
+            raise ConfigError(f"method.generation.do_sample=true with num_beams={cfg.generation.num_beams}: beam "
+                              f"sampling is not supported; set num_beams=1 to sample or do_sample=false for beam search")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
