@@ -32,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.harness import as_list, median_times, peak_tensor_bytes
+from kdlab.modeling import sparse_tied_embedding_grad
 from kdlab.trainer import make_optimizer
 
 GB = 1024**3
@@ -96,6 +97,7 @@ def kdlab_rows(names, teacher, student, tok, batches, args) -> list[dict]:
                                        exp_base=200.0, decay_steps=1, **dict(sampling, temperature=1.0)),
     }
     methods = {name: builders[name]() for name in names if name in builders}
+    sparse_tied_embedding_grad(student)   # as kdlab's trainer does (undone below: TRL gets the model as loaded)
     opt = make_optimizer(student.parameters(), 1e-5, 0.0)
     tokens = {name: [] for name in methods}
 
@@ -111,8 +113,10 @@ def kdlab_rows(names, teacher, student, tok, batches, args) -> list[dict]:
 
     steps = {name: stepper(name) for name in methods}
     seconds = median_times(steps, args["repeats"], warmup=1)
-    return [{"impl": f"kdlab {name}", "s/step": seconds[name], "peak GB": peak_tensor_bytes(step) / GB,
+    rows = [{"impl": f"kdlab {name}", "s/step": seconds[name], "peak GB": peak_tensor_bytes(step) / GB,
              "tokens/seq": statistics.mean(tokens[name])} for name, step in steps.items()]
+    student.get_input_embeddings().sparse = False
+    return rows
 
 
 def trl_row(kind: str, teacher, student, tok, items: list[dict], args: dict) -> dict:

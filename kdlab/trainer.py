@@ -24,6 +24,7 @@ from kdlab.checkpoint import atomic_dir, load_checkpoint, recover_dir, restore_p
 from kdlab.data import batches
 from kdlab import distributed
 from kdlab.evaluation import evaluate, test_loss
+from kdlab.modeling import sparse_tied_embedding_grad
 
 
 SCHEMA = {
@@ -89,6 +90,8 @@ class Trainer:
         self.best_rouge = -math.inf
         self.phase_best_loss = math.inf   # of the running phase, when it keeps its best (Phase.keep_best_valid_loss)
         self.zero = None    # distributed.ZeroStudent owning the "student" group under hardware=zero2/zero3
+        if runtime.strategy in ("none", "ddp"):   # DeepSpeed's ZeRO hooks expect dense gradients
+            sparse_tied_embedding_grad(method.student)
         if cfg.train.batch_size % (runtime.world_size * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world_size * grad_accum = "
                               f"{runtime.world_size} * {cfg.train.grad_accum}; each rank takes an equal slice of "

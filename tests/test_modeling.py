@@ -76,3 +76,34 @@ def test_uncached_hub_model_fails_fast_offline(monkeypatch):
         resolve_folder(spec, "student")
     assert time.time() - start < 5
     assert "\n" not in str(err.value) and "MiniLLM/init-gpt2-120M" in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_tied_embeddings_sparse_gradient_sums_to_the_dense_one(arch):
+    """Two micro-batches (gradient accumulation) through the tied weight: the gradient the optimizer sees
+    is dense and equal to the one with the default dense embedding gradient; untied models are left alone."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from kdlab.modeling import response_logits, sparse_tied_embedding_grad
+    cfg = {"arch": arch, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
+           "max_positions": 64, "seed": 0}
+    dense = random_model(cfg, 40).eval()   # no dropout: both models must compute the same function
+    sparse = copy.deepcopy(dense)
+    assert sparse_tied_embedding_grad(sparse) and sparse.get_input_embeddings().sparse
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(0, 40, (3, 9), generator=g)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, 5:] = True
+        for model in (dense, sparse):
+            logits = response_logits(model, ids, torch.ones_like(ids), mask, 40)
+            F.cross_entropy(logits, ids[mask]).backward()
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
+        assert not b.grad.is_sparse, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    untied = random_model(cfg, 40)
+    untied.lm_head = torch.nn.Linear(16, 40, bias=False) if arch == "llama" else untied.lm_head
+    if arch == "llama":
+        assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse
