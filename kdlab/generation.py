@@ -91,7 +91,6 @@ def generate(model, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, 
                          "return_logprobs=False, or num_beams=1")
     was_training = model.training
     model.eval()
-    # top_k=0 and top_p=1 are passed explicitly: None would fall back to the model's generation_config
     # sampling runs as greedy search whose last logits processor draws the token (InverseCDFSampling);
     # temperature/top-k/top-p are None so that the model's generation_config adds no warper of its own
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,

@@ -4,8 +4,9 @@ Per optimizer step: ``train.grad_accum`` micro-batches through ``method.loss`` a
 gradient clipping per optimizer, AdamW steps, schedule steps. Every ``eval_every`` steps the student is
 validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is saved to
 ``student_best/``; an earlier phase that keeps its best student (MiniLLM's SFT) is validated by loss
-only, and the next phase starts from its lowest-loss student (``phase<i>_best/``); every ``save_every`` steps a resumable checkpoint is written. Running the same job
-again in the same folder resumes from the last checkpoint and reproduces the uninterrupted run.
+only, and the next phase starts from its lowest-loss student (``phase<i>_best/``). Every
+``save_every`` steps a resumable checkpoint is written. Running the same job again in the same folder
+resumes from the last checkpoint and reproduces the uninterrupted run.
 """
 from __future__ import annotations
 
