@@ -50,6 +50,21 @@ def first_batch(setup, size: int, split: str = "train"):
     return next(batches(setup[3][split], size, setup[2].pad_token_id, seed=0))[2]
 
 
+def response_log_softmax(models, generated, vocab: int):
+    """Per held-out example, each model's log-softmax rows at its generated response tokens and the
+    tokens themselves, from one forward on prompt + response (no padding, no cache): the slow
+    reference the methods' held-out checks are computed from."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        for i in range(len(generated.prompt_ids)):
+            p = generated.prompt_ids[i][generated.prompt_mask[i].bool()]
+            r = generated.response_ids[i][generated.response_mask[i].bool()]
+            ids, start = torch.cat([p, r])[None], len(p)
+            yield [F.log_softmax(m(ids).logits[0, start - 1: -1, :vocab], -1) for m in models], r
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """In-process tests use tiny models: one thread is faster than two, and far faster on a busy machine

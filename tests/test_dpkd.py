@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdlab.methods import dpkd
-from conftest import ROOT, tiny_method
+from conftest import ROOT, response_log_softmax, tiny_method
 from conftest import first_batch as shared_first_batch
 from kdlab.data import batches, encode, load_splits
 from kdlab.generation import Generated, generate, response_mask
@@ -166,14 +166,9 @@ def heldout_teacher_nll(student, teacher, tok, batch) -> float:
     cross-entropy to the teacher, the quantity DPKD's chosen side raises."""
     g = generate(teacher, tok, batch.prompt_ids, batch.prompt_mask, max_new_tokens=12)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(len(batch)):
-            p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
-            r = g.response_ids[i][g.response_mask[i].bool()]
-            ids, P = torch.cat([p, r])[None], len(p)
-            logq = F.log_softmax(student(ids).logits[0, P - 1: -1, :len(tok)], -1)
-            total -= logq.gather(1, r[:, None]).sum().item()
-            count += len(r)
+    for (logq,), r in response_log_softmax([student], g, len(tok)):
+        total -= logq.gather(1, r[:, None]).sum().item()
+        count += len(r)
     return total / count
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdlab.methods import minillm
-from conftest import ROOT, tiny_method
+from conftest import ROOT, response_log_softmax, tiny_method
 from conftest import first_batch as shared_first_batch
 from kdlab.config import ConfigError
 from kdlab.data import batches, encode, load_splits
@@ -188,15 +188,9 @@ def heldout_reverse_kl(student, teacher, tok, batch) -> float:
     """Exact per-token KL(q || p) on the student's (seeded) samples for held-out prompts."""
     g = generate(student, tok, batch.prompt_ids, batch.prompt_mask, max_new_tokens=12, do_sample=True, seed=3)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(len(batch)):
-            p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
-            r = g.response_ids[i][g.response_mask[i].bool()]
-            ids, P = torch.cat([p, r])[None], len(p)
-            logq = F.log_softmax(student(ids).logits[0, P - 1: -1, :len(tok)], -1)
-            logp = F.log_softmax(teacher(ids).logits[0, P - 1: -1, :len(tok)], -1)
-            total += (logq.exp() * (logq - logp)).sum().item()
-            count += len(r)
+    for (logq, logp), r in response_log_softmax([student, teacher], g, len(tok)):
+        total += (logq.exp() * (logq - logp)).sum().item()
+        count += len(r)
     return total / count
 
 
