@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install run test smoke bench
+.PHONY: install run test smoke bench gpu-check
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -20,3 +20,8 @@ smoke:
 
 bench:
 	$(PYTHON) -m benchmarks --help
+
+# On a CUDA machine with no network: the wheels of wheelhouse/ (tests/gpu/build_wheelhouse.sh, run where
+# PyPI is reachable), then smoke jobs of every method, ZeRO-2/3 and the benchmarks (docs/SCALING.md).
+gpu-check:
+	PYTHON=$(PYTHON) tests/gpu/run_gpu_check.sh

@@ -9,13 +9,15 @@ synthetic chat prompts by ``--new_tokens`` (32) sampled tokens (temperature 1, f
 
 Throughput = generated tokens (up to and including EOS) / wall-clock seconds, median of ``--repeats`` (3),
 the variants interleaved (:func:`benchmarks.harness.median_times`).
+``--teacher``/``--student``/``--device``: other models or CUDA (:func:`benchmarks.harness.load_models`);
+``--max_prompt_length``/``--max_length`` (256/512; a byte-level tokenizer, as ``tiny``'s, needs 384/512).
 Target: batched >= 4x one-at-a-time tokens/s at batch 16.
 """
 from __future__ import annotations
 
 
-from benchmarks.harness import median_times
-from benchmarks.onpolicy import examples, load_models
+from benchmarks.harness import autocast_steps, load_models, median_times
+from benchmarks.onpolicy import examples
 
 
 def run(args: dict) -> dict:
@@ -23,9 +25,10 @@ def run(args: dict) -> dict:
     from kdlab.generation import generate, sample_mixture
 
     batch, new_tokens, repeats = int(args.get("batch", 16)), int(args.get("new_tokens", 32)), int(args.get("repeats", 3))
-    teacher, student, tok = load_models()
+    teacher, student, tok, template, runtime = load_models(args)
     student.eval()
-    b = collate(encode(examples(batch), tok, "chat", 256, 512), tok.pad_token_id)
+    b = collate(encode(examples(batch), tok, template, int(args.get("max_prompt_length", 256)),
+                       int(args.get("max_length", 512))), tok.pad_token_id).to(runtime.device)
     kw = dict(max_new_tokens=new_tokens, do_sample=True, seed=0)
     counts = {}
 
@@ -45,13 +48,15 @@ def run(args: dict) -> dict:
                              seed=0)
         counts["mixture batched"] = int(out.response_mask.sum())
 
-    seconds = median_times({"one at a time": single, "batched": batched, "mixture batched": mixture}, repeats)
+    seconds = median_times(autocast_steps({"one at a time": single, "batched": batched, "mixture batched": mixture},
+                                          runtime), repeats)
     rows = [{"generation": name, "batch": 1 if name == "one at a time" else batch, "tokens": counts[name],
              "s": s, "tokens/s": counts[name] / s} for name, s in seconds.items()]
     speedup = rows[1]["tokens/s"] / rows[0]["tokens/s"]
     return {"rows": rows, "notes": [
         f"{batch} prompts, up to {new_tokens} new tokens each, sampling at temperature 1 (seed 0), student "
-        f"smollm2-6l fp32 (mixture: + teacher SmolLM2-135M). Batched / one-at-a-time throughput: {speedup:.1f}x "
+        f"{args.get('student', 'smollm2-6l')} (mixture: + teacher {args.get('teacher', 'smollm2-135m')}), "
+        f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}. Batched / one-at-a-time throughput: {speedup:.1f}x "
         f"(target >= 4x)."]}
 
 

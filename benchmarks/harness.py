@@ -5,7 +5,14 @@ Peak memory method: :func:`peak_tensor_bytes` runs the step once under ``torch.p
 the peak is the maximum of their running sum in time order. It counts tensor bytes created during the
 step (intermediates, saved activations, the produced gradients) on top of whatever existed before, and
 nothing else (no Python objects, no allocator slack), so it isolates what the code under test costs and
-does not depend on what the process did earlier (unlike RSS, whose freed pages glibc may keep).
+does not depend on what the process did earlier (unlike RSS, whose freed pages glibc may keep). On CUDA
+(``--device=cuda``) it is the caching allocator's peak of allocated bytes during the step above those
+allocated before it: the same quantity, read from the allocator's counters.
+
+Models: :func:`load_models` (``--teacher``/``--student``: conf file names, default the embedded
+SmolLM2-135M and its 6-layer student; ``--device``: cpu, or cuda where steps run under bf16 autocast
+with fp32 weights as kdlab's ``hardware=gpu`` does). ``--teacher=tiny --student=tiny`` needs no download
+and runs every code path, e.g. on a GPU machine that the embedded teacher cannot reach (tests/gpu).
 """
 from __future__ import annotations
 
@@ -64,6 +71,41 @@ def machine() -> dict:
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def load_models(args: dict):
+    """``(teacher, student, tokenizer, template, runtime)`` of a benchmark on ``--device`` (module docstring)."""
+    from omegaconf import OmegaConf
+
+    from kdlab.hardware import Runtime
+    from kdlab.student import build_student
+    from kdlab.teacher import load_teacher
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    teacher_cfg = OmegaConf.load(conf / "teacher" / f"{args.get('teacher', 'smollm2-135m')}.yaml")
+    student_cfg = OmegaConf.load(conf / "student" / f"{args.get('student', 'smollm2-6l')}.yaml")
+    teacher, tok = load_teacher(teacher_cfg, torch.float32)
+    student, tok = build_student(student_cfg, teacher, tok, teacher_cfg.name, torch.float32)
+    device = torch.device(args.get("device", "cpu"))
+    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return teacher.to(device), student.to(device), tok, teacher_cfg.template, runtime
+
+
+def autocast_steps(steps: dict[str, Callable[[], object]], runtime) -> dict[str, Callable[[], object]]:
+    """Each step under ``runtime``'s autocast (bf16 on CUDA, none on the CPU), as kdlab's trainer runs it."""
+    def wrap(step):
+        def run():
+            with runtime.autocast():
+                return step()
+        return run
+
+    return {name: wrap(step) for name, step in steps.items()}
+
+
+def _sync() -> None:
+    """Wait for queued CUDA work, so that a host clock read after it times the work itself."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_times(steps: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median wall-clock seconds of each step; runs are interleaved (a, b, a, b, ...) so that load from
     other processes on a shared machine hits every variant alike."""
@@ -74,8 +116,10 @@ def median_times(steps: dict[str, Callable[[], object]], repeats: int = 3, warmu
     for _ in range(repeats):
         for name, step in steps.items():
             gc.collect()
+            _sync()
             t0 = time.perf_counter()
             step()
+            _sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -85,6 +129,13 @@ def peak_tensor_bytes(step: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
+    if torch.cuda.is_initialized():
+        _sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        _sync()
+        return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")

@@ -18,7 +18,8 @@ Targets (issue 3): ``kd`` time <= 1.15x and tensor peak <= 1.1x ``floor_response
 all of them alike); peak: :func:`benchmarks.harness.peak_tensor_bytes` (tensor bytes allocated during
 one step, gradients included; AdamW state exists before the step and is not counted). Args:
 ``--repeats`` (5), ``--warmup`` (2), ``--batch`` (4), ``--seq`` (256), ``--response`` (32),
-``--divergence`` (fkl), ``--top_k`` (64), ``--threads`` (torch default), ``--seed`` (0).
+``--divergence`` (fkl), ``--top_k`` (64), ``--threads`` (torch default), ``--seed`` (0),
+``--teacher``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`).
 """
 from __future__ import annotations
 
@@ -30,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from benchmarks.harness import median_times, peak_tensor_bytes
+from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes
 from kdlab.trainer import make_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 GB = 1024**3
 REFERENCE_S = {"floor_full": 3.51, "floor_response": 2.28, "kd": 2.32}   # REFERENCE.md, 4-layer student
 
@@ -41,12 +41,9 @@ REFERENCE_S = {"floor_full": 3.51, "floor_response": 2.28, "kd": 2.32}   # REFER
 def run(args: dict) -> dict:
     from kdlab.data import Encoded, collate
     from kdlab.divergences import build_divergence
-    from kdlab.hardware import Runtime
     from kdlab.methods.base import Context
     from kdlab.methods.kd import KD
     from kdlab.modeling import response_logits
-    from kdlab.student import build_student
-    from kdlab.teacher import load_teacher
     from kdlab.teacher_cache import TeacherCache, build_cache
 
     if args.get("threads"):
@@ -55,18 +52,15 @@ def run(args: dict) -> dict:
     b, t, r = int(args.get("batch", 4)), int(args.get("seq", 256)), int(args.get("response", 32))
 
     t0 = time.perf_counter()
-    teacher, tok = load_teacher(OmegaConf.load(ROOT / "conf/teacher/smollm2-135m.yaml"), torch.float32)
-    student, _ = build_student(OmegaConf.load(ROOT / "conf/student/smollm2-6l.yaml"), teacher, tok, "smollm2-135m",
-                               torch.float32)
+    teacher, student, tok, _, runtime = load_models(args)
     load_s = time.perf_counter() - t0
     vocab = len(tok)
     g = torch.Generator().manual_seed(int(args.get("seed", 0)))
     items = [Encoded(torch.randint(0, vocab, (t - r,), generator=g).tolist(),
                      torch.randint(0, vocab, (r,), generator=g).tolist(), {}) for _ in range(b)]
-    batch = collate(items, tok.pad_token_id)
+    batch = collate(items, tok.pad_token_id).to(runtime.device)
     opt = make_optimizer([p for p in student.parameters() if p.requires_grad], 1e-5, 0.0)
     divergence = build_divergence({"name": args.get("divergence", "fkl")})
-    runtime = Runtime(torch.device("cpu"), torch.float32)
 
     def optimizer_step(loss):
         loss.backward()
@@ -94,8 +88,8 @@ def run(args: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         top_k = int(args.get("top_k", 64))
         cache = TeacherCache(build_cache(teacher, tok, items, Path(tmp) / "cache", {}, top_k=top_k))
-        steps = {"floor_full": floor_full, "floor_response": floor_response, "kd": method(),
-                 "kd_cached": method(cache)}
+        steps = autocast_steps({"floor_full": floor_full, "floor_response": floor_response, "kd": method(),
+                                "kd_cached": method(cache)}, runtime)
         seconds = median_times(steps, repeats, warmup)
         measured = {name: (seconds[name], peak_tensor_bytes(step)) for name, step in steps.items()}
 
@@ -110,8 +104,9 @@ def run(args: dict) -> dict:
     met = kd_s <= 1.15 * floor_s and kd_peak <= 1.1 * floor_peak
     return {"rows": rows, "met": met, "notes": [
         f"batch {b} x {t} tokens, {r} response tokens per sequence ({b * r} distilled rows), vocab {vocab}; "
-        f"student smollm2-6l ({sum(p.numel() for p in student.parameters()) / 1e6:.0f}M params), teacher "
-        f"SmolLM2-135M fp32; divergence {divergence!r}; kd_cached: top-{top_k} fp16 cache; models loaded in "
+        f"student {args.get('student', 'smollm2-6l')} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+        f"params), teacher {args.get('teacher', 'smollm2-135m')}, {runtime.device.type} "
+        f"{str(runtime.dtype).removeprefix('torch.')}; divergence {divergence!r}; kd_cached: top-{top_k} fp16 cache; models loaded in "
         f"{load_s:.0f} s; median of {repeats} steps after {warmup} warm-up; torch threads {torch.get_num_threads()}.",
         f"target kd <= 1.15x floor_response time and <= 1.1x its tensor peak: {'met' if met else 'NOT met'} "
         f"(time {kd_s / floor_s:.3f}x, peak {kd_peak / floor_peak:.3f}x)."]}

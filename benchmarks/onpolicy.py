@@ -21,7 +21,9 @@ Random draws differ between implementations, so on-policy lengths can differ: ev
 mean number of generated tokens per sequence it saw.
 
 Args: ``--batch`` (4), ``--new_tokens`` (32), ``--lmbda`` (0.5 for TRL GKD besides 0 and 1), ``--beta``
-(0.5), ``--temperature`` (0.9), ``--repeats`` (3), ``--trl`` (true), ``--rows`` (all: comma list of names).
+(0.5), ``--temperature`` (0.9), ``--repeats`` (3), ``--trl`` (true), ``--rows`` (all: comma list of names),
+``--teacher``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`), ``--max_prompt_length``/
+``--max_length`` (256/512; a byte-level tokenizer, as ``tiny``'s, needs 384/512).
 """
 from __future__ import annotations
 
@@ -31,22 +33,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.harness import as_list, median_times, peak_tensor_bytes
+from benchmarks.harness import as_list, autocast_steps, load_models, median_times, peak_tensor_bytes
 from kdlab.modeling import sparse_tied_embedding_grad
 from kdlab.trainer import make_optimizer
 
 GB = 1024**3
-ROOT_CONF = "conf"
-
-
-def load_models():
-    from kdlab.student import build_student
-    from kdlab.teacher import load_teacher
-
-    teacher, tok = load_teacher(OmegaConf.load(f"{ROOT_CONF}/teacher/smollm2-135m.yaml"), torch.float32)
-    student, tok = build_student(OmegaConf.load(f"{ROOT_CONF}/student/smollm2-6l.yaml"), teacher, tok,
-                                 "smollm2-135m", torch.float32)
-    return teacher, student, tok
 
 
 def examples(n: int) -> list[dict]:
@@ -86,7 +77,7 @@ class Floor:
         return LossOutput(self.method.nll(self.method.logits(self.method.student, batch), batch))
 
 
-def kdlab_rows(names, teacher, student, tok, batches, args) -> list[dict]:
+def kdlab_rows(names, teacher, student, tok, batches, args, runtime) -> list[dict]:
     sampling = dict(temperature=args["temperature"], top_p=1.0, top_k=0, max_new_tokens=args["new_tokens"])
     builders = {
         "floor": lambda: Floor(teacher, student, len(tok)),
@@ -111,7 +102,7 @@ def kdlab_rows(names, teacher, student, tok, batches, args) -> list[dict]:
             tokens[name].append(out.logs.get("response_tokens", float(batch.response_mask.sum())) / len(batch))
         return step
 
-    steps = {name: stepper(name) for name in methods}
+    steps = autocast_steps({name: stepper(name) for name in methods}, runtime)
     seconds = median_times(steps, args["repeats"], warmup=1)
     rows = [{"impl": f"kdlab {name}", "s/step": seconds[name], "peak GB": peak_tensor_bytes(step) / GB,
              "tokens/seq": statistics.mean(tokens[name])} for name, step in steps.items()]
@@ -131,8 +122,8 @@ def trl_row(kind: str, teacher, student, tok, items: list[dict], args: dict) -> 
     n_steps = 1 + args["repeats"]
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args["batch"],
                   max_steps=n_steps + 1, learning_rate=1e-5, logging_steps=1000, save_strategy="no",
-                  report_to=[], use_cpu=True, temperature=args["temperature"], beta=args["beta"],
-                  dataloader_num_workers=0, seed=0, bf16=False)
+                  report_to=[], use_cpu=teacher.device.type == "cpu", temperature=args["temperature"], beta=args["beta"],
+                  dataloader_num_workers=0, seed=0, bf16=teacher.device.type == "cuda")
     user = [[{"role": "user", "content": f"{ex['instruction']}\n\n{ex['input']}".strip()}] for ex in items]
     if kind == "GKDTrainer":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -183,15 +174,15 @@ def run(args: dict) -> dict:
     from kdlab.data import collate, encode
 
     args = {"batch": 4, "new_tokens": 32, "beta": 0.5, "temperature": 0.9, "repeats": 3, "trl": True,
-            "trl_lmbda": None, **args}
+            "trl_lmbda": None, "max_prompt_length": 256, "max_length": 512, **args}
     torch.manual_seed(0)
-    teacher, student, tok = load_models()
+    teacher, student, tok, template, runtime = load_models(args)
     items = examples(args["batch"] * (2 + args["repeats"]) * 2)
-    encoded = encode(items, tok, "chat", 256, 512)
-    batches = [collate(encoded[i:i + args["batch"]], tok.pad_token_id)
+    encoded = encode(items, tok, template, args["max_prompt_length"], args["max_length"])
+    batches = [collate(encoded[i:i + args["batch"]], tok.pad_token_id).to(runtime.device)
                for i in range(0, len(encoded) - args["batch"] + 1, args["batch"])]
     names = as_list(args.get("rows", ["floor", "kd", "gkd l=0", "gkd l=1", "imitkd"]))
-    rows = kdlab_rows(names, teacher, student, tok, batches, args)
+    rows = kdlab_rows(names, teacher, student, tok, batches, args, runtime)
     if args["trl"]:
         for kind, lmbda in (("GKDTrainer", 0.0), ("GKDTrainer", 1.0), ("DistillationTrainer", None)):
             try:
@@ -200,7 +191,7 @@ def run(args: dict) -> dict:
                 rows.append({"impl": f"trl {kind}", "s/step": "", "peak GB": "", "tokens/seq": f"failed: {err!r}"[:200]})
     return {"rows": rows, "notes": [
         f"batch {args['batch']}, {args['new_tokens']} new tokens, JSD beta {args['beta']}, sampling temperature "
-        f"{args['temperature']} (imitkd: 1.0), fp32, AdamW; median of {args['repeats']} steps; peak = tensor bytes "
+        f"{args['temperature']} (imitkd: 1.0), {runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}, AdamW; median of {args['repeats']} steps; peak = tensor bytes "
         "allocated during one step (torch.profiler memory events). Targets: kdlab gkd <= 0.8x TRL GKDTrainer "
         "time at the same lambda, peak <= TRL's."]}
 
