@@ -24,4 +24,4 @@ bench:
 # On a CUDA machine with no network: the wheels of wheelhouse/ (tests/gpu/build_wheelhouse.sh, run where
 # PyPI is reachable), then smoke jobs of every method, ZeRO-2/3 and the benchmarks (docs/SCALING.md).
 gpu-check:
-	PYTHON=$(PYTHON) tests/gpu/run_gpu_check.sh
+	tests/gpu/run_gpu_check.sh

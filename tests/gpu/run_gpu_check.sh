@@ -28,7 +28,8 @@ work=${GPU_CHECK_WORK:-/tmp/kdlab-gpu-check-$$}
 # name <TAB> timeout seconds <TAB> shell command; job steps write their run folder to $work/runs/<name>
 plan() {
   local smoke="+experiment=smoke logger=csv"
-  local bench="--device=cuda --teacher=tiny --student=tiny --max_prompt_length=384 --max_length=512"
+  # tiny's byte-level tokenizer makes the synthetic prompts long in tokens
+  local bench="--device=cuda --teacher=tiny --student=tiny" lengths="--max_prompt_length=384 --max_length=512"
   printf 'imports\t120\t%s\n' "$python -c 'import hydra, omegaconf, rouge_score.rouge_scorer, deepspeed, kdlab.run'"
   for file in conf/method/*.yaml; do
     local method; method=$(basename "$file" .yaml)
@@ -39,9 +40,9 @@ plan() {
     printf '%s-kd\t240\t%s\n' "$zero" \
       "$python -m torch.distributed.run --standalone --nproc_per_node=1 -m kdlab.run $smoke method=kd hardware=$zero hydra.run.dir=$work/runs/$zero-kd"
   done
-  printf 'bench-generation\t180\t%s\n' "$python -m benchmarks generation $bench"
+  printf 'bench-generation\t180\t%s\n' "$python -m benchmarks generation $bench $lengths"
   printf 'bench-kd_step\t180\t%s\n' "$python -m benchmarks kd_step $bench"
-  printf 'bench-onpolicy\t180\t%s\n' "$python -m benchmarks onpolicy $bench --trl=false"
+  printf 'bench-onpolicy\t180\t%s\n' "$python -m benchmarks onpolicy $bench $lengths --trl=false"
   # on-policy sampling under ZeRO-3 (every forward collective): last, as the costliest job
   printf 'zero3-gkd\t240\t%s\n' \
     "$python -m torch.distributed.run --standalone --nproc_per_node=1 -m kdlab.run $smoke method=gkd hardware=zero3 hydra.run.dir=$work/runs/zero3-gkd"
@@ -82,7 +83,7 @@ else
   echo "gpu-check: no wheels in $wheelhouse: using the packages installed here" | tee -a "$log"
 fi
 # kdlab from this checkout, not installed: an editable install would need setuptools from the network
-export PYTHONPATH="$root:$PYTHONPATH"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 bench_lines=$(wc -l <benchmarks/results.jsonl 2>/dev/null || echo 0)
 

@@ -78,8 +78,8 @@ def main(steps_tsv: str, runs_dir: str, out: str) -> int:
     for step in steps:
         print(f"{step['status']:8} {step['seconds']:7.1f} s  {step['name']}" + (f"  ({step['problem']})"
                                                                             if "problem" in step else ""))
-    print(f"gpu-check: {counts['pass']}/{len(steps)} steps passed "
-          + ", ".join(f"{n} {s}" for s, n in counts.items() if s != "pass" and n) + f"; summary: {out}")
+    others = "".join(f", {n} {s}" for s, n in counts.items() if s != "pass" and n)
+    print(f"gpu-check: {counts['pass']}/{len(steps)} steps passed{others}; summary: {out}")
     return 0 if counts["pass"] == len(steps) else 1
 
 
