@@ -16,7 +16,7 @@ Target: batched >= 4x one-at-a-time tokens/s at batch 16.
 from __future__ import annotations
 
 
-from benchmarks.harness import autocast_steps, load_models, median_times
+from benchmarks.harness import autocast_steps, load_models, median_times, teacher_label
 from benchmarks.onpolicy import examples
 
 
@@ -55,7 +55,7 @@ def run(args: dict) -> dict:
     speedup = rows[1]["tokens/s"] / rows[0]["tokens/s"]
     return {"rows": rows, "notes": [
         f"{batch} prompts, up to {new_tokens} new tokens each, sampling at temperature 1 (seed 0), student "
-        f"{args.get('student', 'smollm2-6l')} (mixture: + teacher {args.get('teacher', 'smollm2-135m')}), "
+        f"{args.get('student', 'smollm2-6l')} (mixture: + teacher {teacher_label(args)}), "
         f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}. Batched / one-at-a-time throughput: {speedup:.1f}x "
         f"(target >= 4x)."]}
 

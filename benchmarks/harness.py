@@ -11,8 +11,12 @@ allocated before it: the same quantity, read from the allocator's counters.
 
 Models: :func:`load_models` (``--teacher``/``--student``: conf file names, default the embedded
 SmolLM2-135M and its 6-layer student; ``--device``: cpu, or cuda where steps run under bf16 autocast
-with fp32 weights as kdlab's ``hardware=gpu`` does). ``--teacher=tiny --student=tiny`` needs no download
-and runs every code path, e.g. on a GPU machine that the embedded teacher cannot reach (tests/gpu).
+with fp32 weights as kdlab's ``hardware=gpu`` does). Where the teacher's weights cannot travel (a GPU
+machine without network, tests/gpu), ``--teacher_shape=DIR`` builds the teacher from DIR's
+``config.json`` and tokenizer (tests/gpu/model_shape.py writes the embedded teacher's, 3.4 MB) with
+random weights: the same architecture, vocabulary and FLOPs, so the same step times; only what depends
+on the weights' values (sampled lengths, losses) differs. ``--teacher=tiny --student=tiny`` needs
+nothing at all and runs every code path on tiny models.
 """
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ def machine() -> dict:
     u = platform.uname()
     return {"uname": f"{u.system} {u.release} {u.machine}", "cpu": cpu, "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+            **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_initialized() else {})}
 
 
 def load_models(args: dict):
@@ -82,7 +87,10 @@ def load_models(args: dict):
     conf = Path(__file__).resolve().parents[1] / "conf"
     teacher_cfg = OmegaConf.load(conf / "teacher" / f"{args.get('teacher', 'smollm2-135m')}.yaml")
     student_cfg = OmegaConf.load(conf / "student" / f"{args.get('student', 'smollm2-6l')}.yaml")
-    teacher, tok = load_teacher(teacher_cfg, torch.float32)
+    if args.get("teacher_shape"):
+        teacher, tok = random_teacher(str(args["teacher_shape"]))
+    else:
+        teacher, tok = load_teacher(teacher_cfg, torch.float32)
     student, tok = build_student(student_cfg, teacher, tok, teacher_cfg.name, torch.float32)
     device = torch.device(args.get("device", "cpu"))
     runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -98,6 +106,27 @@ def autocast_steps(steps: dict[str, Callable[[], object]], runtime) -> dict[str,
         return run
 
     return {name: wrap(step) for name, step in steps.items()}
+
+
+def teacher_label(args: dict) -> str:
+    """The teacher a benchmark ran, for its notes."""
+    name = args.get("teacher", "smollm2-135m")
+    return f"{name} (random weights, {args['teacher_shape']})" if args.get("teacher_shape") else name
+
+
+def random_teacher(folder: str):
+    """A frozen fp32 teacher with ``folder``'s config.json and tokenizer and random weights (seed 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kdlab.modeling import freeze
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    return freeze(model), tok
 
 
 def _sync() -> None:

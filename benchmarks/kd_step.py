@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes
+from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes, teacher_label
 from kdlab.trainer import make_optimizer
 
 GB = 1024**3
@@ -105,7 +105,7 @@ def run(args: dict) -> dict:
     return {"rows": rows, "met": met, "notes": [
         f"batch {b} x {t} tokens, {r} response tokens per sequence ({b * r} distilled rows), vocab {vocab}; "
         f"student {args.get('student', 'smollm2-6l')} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
-        f"params), teacher {args.get('teacher', 'smollm2-135m')}, {runtime.device.type} "
+        f"params), teacher {teacher_label(args)}, {runtime.device.type} "
         f"{str(runtime.dtype).removeprefix('torch.')}; divergence {divergence!r}; kd_cached: top-{top_k} fp16 cache; models loaded in "
         f"{load_s:.0f} s; median of {repeats} steps after {warmup} warm-up; torch threads {torch.get_num_threads()}.",
         f"target kd <= 1.15x floor_response time and <= 1.1x its tensor peak: {'met' if met else 'NOT met'} "

@@ -33,7 +33,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.harness import as_list, autocast_steps, load_models, median_times, peak_tensor_bytes
+from benchmarks.harness import as_list, autocast_steps, load_models, median_times, peak_tensor_bytes, teacher_label
 from kdlab.modeling import sparse_tied_embedding_grad
 from kdlab.trainer import make_optimizer
 
@@ -190,7 +190,7 @@ def run(args: dict) -> dict:
             except Exception as err:   # a peer's failure is a result to report, not a reason to lose the others
                 rows.append({"impl": f"trl {kind}", "s/step": "", "peak GB": "", "tokens/seq": f"failed: {err!r}"[:200]})
     return {"rows": rows, "notes": [
-        f"batch {args['batch']}, {args['new_tokens']} new tokens, JSD beta {args['beta']}, sampling temperature "
+        f"teacher {teacher_label(args)}, student {args.get('student', 'smollm2-6l')}, batch {args['batch']}, {args['new_tokens']} new tokens, JSD beta {args['beta']}, sampling temperature "
         f"{args['temperature']} (imitkd: 1.0), {runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}, AdamW; median of {args['repeats']} steps; peak = tensor bytes "
         "allocated during one step (torch.profiler memory events). Targets: kdlab gkd <= 0.8x TRL GKDTrainer "
         "time at the same lambda, peak <= TRL's."]}

