@@ -9,14 +9,15 @@ synthetic chat prompts by ``--new_tokens`` (32) sampled tokens (temperature 1, f
 
 Throughput = generated tokens (up to and including EOS) / wall-clock seconds, median of ``--repeats`` (3),
 the variants interleaved (:func:`benchmarks.harness.median_times`).
-``--teacher``/``--student``/``--device``: other models or CUDA (:func:`benchmarks.harness.load_models`);
-``--max_prompt_length``/``--max_length`` (256/512; a byte-level tokenizer, as ``tiny``'s, needs 384/512).
+``--teacher``/``--teacher_shape``/``--student``/``--device``: other models or CUDA
+(:func:`benchmarks.harness.load_models`); ``--max_prompt_length``/``--max_length`` (256/512; a byte-level
+tokenizer, as ``tiny``'s, needs 384/512).
 Target: batched >= 4x one-at-a-time tokens/s at batch 16.
 """
 from __future__ import annotations
 
 
-from benchmarks.harness import autocast_steps, load_models, median_times, teacher_label
+from benchmarks.harness import autocast_steps, load_models, median_times, placement, teacher_label
 from benchmarks.onpolicy import examples
 
 
@@ -55,8 +56,8 @@ def run(args: dict) -> dict:
     speedup = rows[1]["tokens/s"] / rows[0]["tokens/s"]
     return {"rows": rows, "notes": [
         f"{batch} prompts, up to {new_tokens} new tokens each, sampling at temperature 1 (seed 0), student "
-        f"{args.get('student', 'smollm2-6l')} (mixture: + teacher {teacher_label(args)}), "
-        f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}. Batched / one-at-a-time throughput: {speedup:.1f}x "
+        f"{args.get('student', 'smollm2-6l')} (mixture: + teacher {teacher_label(args)}), {placement(runtime)}. "
+        f"Batched / one-at-a-time throughput: {speedup:.1f}x "
         f"(target >= 4x)."]}
 
 

@@ -108,6 +108,11 @@ def autocast_steps(steps: dict[str, Callable[[], object]], runtime) -> dict[str,
     return {name: wrap(step) for name, step in steps.items()}
 
 
+def placement(runtime) -> str:
+    """Where a benchmark's steps ran, for its notes: e.g. ``cuda bfloat16`` (autocast) or ``cpu float32``."""
+    return f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}"
+
+
 def teacher_label(args: dict) -> str:
     """The teacher a benchmark ran, for its notes."""
     name = args.get("teacher", "smollm2-135m")

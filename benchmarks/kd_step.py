@@ -19,7 +19,7 @@ all of them alike); peak: :func:`benchmarks.harness.peak_tensor_bytes` (tensor b
 one step, gradients included; AdamW state exists before the step and is not counted). Args:
 ``--repeats`` (5), ``--warmup`` (2), ``--batch`` (4), ``--seq`` (256), ``--response`` (32),
 ``--divergence`` (fkl), ``--top_k`` (64), ``--threads`` (torch default), ``--seed`` (0),
-``--teacher``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`).
+``--teacher``/``--teacher_shape``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes, teacher_label
+from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes, placement, teacher_label
 from kdlab.trainer import make_optimizer
 
 GB = 1024**3
@@ -105,8 +105,8 @@ def run(args: dict) -> dict:
     return {"rows": rows, "met": met, "notes": [
         f"batch {b} x {t} tokens, {r} response tokens per sequence ({b * r} distilled rows), vocab {vocab}; "
         f"student {args.get('student', 'smollm2-6l')} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
-        f"params), teacher {teacher_label(args)}, {runtime.device.type} "
-        f"{str(runtime.dtype).removeprefix('torch.')}; divergence {divergence!r}; kd_cached: top-{top_k} fp16 cache; models loaded in "
+        f"params), teacher {teacher_label(args)}, {placement(runtime)}; divergence {divergence!r}; kd_cached: "
+        f"top-{top_k} fp16 cache; models loaded in "
         f"{load_s:.0f} s; median of {repeats} steps after {warmup} warm-up; torch threads {torch.get_num_threads()}.",
         f"target kd <= 1.15x floor_response time and <= 1.1x its tensor peak: {'met' if met else 'NOT met'} "
         f"(time {kd_s / floor_s:.3f}x, peak {kd_peak / floor_peak:.3f}x)."]}

@@ -22,8 +22,8 @@ mean number of generated tokens per sequence it saw.
 
 Args: ``--batch`` (4), ``--new_tokens`` (32), ``--lmbda`` (0.5 for TRL GKD besides 0 and 1), ``--beta``
 (0.5), ``--temperature`` (0.9), ``--repeats`` (3), ``--trl`` (true), ``--rows`` (all: comma list of names),
-``--teacher``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`), ``--max_prompt_length``/
-``--max_length`` (256/512; a byte-level tokenizer, as ``tiny``'s, needs 384/512).
+``--teacher``/``--teacher_shape``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`),
+``--max_prompt_length``/``--max_length`` (256/512; a byte-level tokenizer, as ``tiny``'s, needs 384/512).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.harness import as_list, autocast_steps, load_models, median_times, peak_tensor_bytes, teacher_label
+from benchmarks.harness import (as_list, autocast_steps, load_models, median_times, peak_tensor_bytes, placement,
+                                teacher_label)
 from kdlab.modeling import sparse_tied_embedding_grad
 from kdlab.trainer import make_optimizer
 
@@ -122,8 +123,8 @@ def trl_row(kind: str, teacher, student, tok, items: list[dict], args: dict) -> 
     n_steps = 1 + args["repeats"]
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args["batch"],
                   max_steps=n_steps + 1, learning_rate=1e-5, logging_steps=1000, save_strategy="no",
-                  report_to=[], use_cpu=teacher.device.type == "cpu", temperature=args["temperature"], beta=args["beta"],
-                  dataloader_num_workers=0, seed=0, bf16=teacher.device.type == "cuda")
+                  report_to=[], use_cpu=teacher.device.type == "cpu", temperature=args["temperature"],
+                  beta=args["beta"], dataloader_num_workers=0, seed=0, bf16=teacher.device.type == "cuda")
     user = [[{"role": "user", "content": f"{ex['instruction']}\n\n{ex['input']}".strip()}] for ex in items]
     if kind == "GKDTrainer":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -190,8 +191,9 @@ def run(args: dict) -> dict:
             except Exception as err:   # a peer's failure is a result to report, not a reason to lose the others
                 rows.append({"impl": f"trl {kind}", "s/step": "", "peak GB": "", "tokens/seq": f"failed: {err!r}"[:200]})
     return {"rows": rows, "notes": [
-        f"teacher {teacher_label(args)}, student {args.get('student', 'smollm2-6l')}, batch {args['batch']}, {args['new_tokens']} new tokens, JSD beta {args['beta']}, sampling temperature "
-        f"{args['temperature']} (imitkd: 1.0), {runtime.device.type} {str(runtime.dtype).removeprefix('torch.')}, AdamW; median of {args['repeats']} steps; peak = tensor bytes "
+        f"teacher {teacher_label(args)}, student {args.get('student', 'smollm2-6l')}, batch {args['batch']}, "
+        f"{args['new_tokens']} new tokens, JSD beta {args['beta']}, sampling temperature {args['temperature']} "
+        f"(imitkd: 1.0), {placement(runtime)}, AdamW; median of {args['repeats']} steps; peak = tensor bytes "
         "allocated during one step (torch.profiler memory events). Targets: kdlab gkd <= 0.8x TRL GKDTrainer "
         "time at the same lambda, peak <= TRL's."]}
 
