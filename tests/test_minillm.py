@@ -355,3 +355,40 @@ def test_ptx_loss_on_a_corpus_matches_a_slow_reference(setup, tmp_path):
     assert no_corpus.ptx_rows is None
     expected = no_corpus.nll(no_corpus.logits(no_corpus.student, batch), batch)
     assert no_corpus.ptx_loss(batch).item() == pytest.approx(expected.item())
+
+
+# -- the paper's setting ---------------------------------------------------------------------------
+def test_the_table_experiment_is_the_papers_app_b_setting(setup):
+    from hydra import compose, initialize_config_dir
+
+    from kdlab.methods.base import Context
+    from kdlab.run import CONF_DIR, validate_config
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=minillm-table", "hardware=cpu"])
+    validate_config(cfg)
+    m, t = cfg.method, cfg.train
+    assert m.name == "minillm" and (cfg.teacher.name, cfg.student.name) == ("gpt2-xl", "gpt2-base")
+    # phase 1: 3 epochs of SFT, the lowest validation loss kept
+    assert m.sft_epochs == 3 and m.sft_steps is None
+    phases = minillm.MiniLLM(m, Context(*setup[:3], None, None, None, len(setup[2]))).phases()
+    assert [p.name for p in phases] == ["sft", "minillm"]
+    assert phases[0].epochs == 3 and phases[0].max_steps is None and phases[0].keep_best_valid_loss
+    # phase 2: 5,000 steps, mini-batch 64, 256 rollouts, 4 inner epochs, lr 5e-6 constant, temperature 1
+    assert phases[1].max_steps is None and (t.max_steps, t.epochs) == (5000, None)
+    assert t.batch_size // t.grad_accum == 64 and t.grad_accum == 1
+    assert (m.rollouts, m.ppo_epochs, m.lr, m.schedule, phases[1].schedule) == (256, 4, 5e-6, "constant", "constant")
+    assert (m.temperature, m.top_k, m.top_p, m.clip_ratio, m.alpha) == (1.0, 0, 1.0, 0.2, 0.2)
+
+
+def test_phase_lengths_in_epochs_or_steps(setup):
+    from kdlab.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)   # steps_for reads only the train config and the training set
+    trainer.train_cfg = OmegaConf.create({"max_steps": 5000, "epochs": None, "batch_size": 4})
+    trainer.train_items = list(range(18))
+    sft, policy = make_method(setup, sft_epochs=3).phases()
+    assert trainer.steps_for(sft) == 3 * (18 // 4) and trainer.steps_for(policy) == 5000
+    assert trainer.steps_for(make_method(setup, sft_steps=7).phases()[0]) == 7
+    with pytest.raises(ConfigError, match=r"method.sft_steps=7 and method.sft_epochs=3 .*set one of them to null"):
+        make_method(setup, sft_steps=7, sft_epochs=3)

@@ -2,8 +2,9 @@
 
 Minimises the sequence-level reverse KL ``KL(q_theta || p)`` (Eq. 1) by policy gradient, in two phases:
 
-1. ``sft``: maximum likelihood on the gold responses (``method.sft_steps`` steps at ``method.sft_lr``;
-   null: as many steps as the run's ``train.max_steps``/``epochs``; 0: skip it, e.g. when the student
+1. ``sft``: maximum likelihood on the gold responses at ``method.sft_lr``, for ``method.sft_steps``
+   optimizer steps or ``method.sft_epochs`` epochs (App. B: 3 epochs; at most one of the two; both null:
+   as long as the run's ``train.max_steps``/``epochs``; ``sft_steps=0``: skip it, e.g. when the student
    is already an SFT checkpoint). As Alg. 1 and App. B prescribe, phase 2 starts from the phase-1
    student with the lowest validation loss: every ``train.eval_every`` steps (and at the phase's end)
    the SFT student's loss on the validation split is logged as ``valid/sft_loss`` and a new best is
@@ -56,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdlab.config import OneOf, Range, Type
+from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.data import Encoded, collate, left_pad
 from kdlab.data.corpus import check_corpus, pack_corpus
 from kdlab.generation import SAMPLING_SCHEMA, sample_mixture
@@ -118,6 +119,7 @@ def clipped_surrogate(logprobs, old_logprobs, adv, weights, eps: float):
 class MiniLLM(Method):
     name = "minillm"
     schema = {**Method.schema, "sft_lr": Range(0, low_open=True), "sft_steps": Range(0, integer=True, optional=True),
+              "sft_epochs": Range(1, integer=True, optional=True),
               "alpha": Range(0, 1), "rollouts": Range(1, integer=True), "ppo_epochs": Range(1, integer=True),
               "clip_ratio": Range(0, low_open=True), "gamma": Range(0, 1), "reward_scale": Range(0, low_open=True),
               "reward_clip": Range(0, low_open=True), "length_norm": Type(bool), "single_step": Type(bool),
@@ -128,6 +130,9 @@ class MiniLLM(Method):
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
+        if cfg.sft_steps is not None and cfg.sft_epochs is not None:
+            raise ConfigError(f"method.sft_steps={cfg.sft_steps} and method.sft_epochs={cfg.sft_epochs} both set the "
+                              "SFT phase's length; set one of them to null")
         if cfg.ptx_corpus and cfg.ptx_weight:
             check_corpus(cfg.ptx_corpus, "method.ptx_corpus")
 
@@ -144,7 +149,8 @@ class MiniLLM(Method):
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
         if self.cfg.sft_steps != 0:
             sft = SFT(OmegaConf.create({"name": "sft", "lr": self.cfg.sft_lr}), self.ctx)
-            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True))
+            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True,
+                                     epochs=self.cfg.sft_epochs))
         return phases
 
     def state_dict(self) -> dict:
