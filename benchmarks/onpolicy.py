@@ -83,8 +83,8 @@ def kdlab_rows(names, teacher, student, tok, batches, args, runtime) -> list[dic
     builders = {
         "floor": lambda: Floor(teacher, student, len(tok)),
         "kd": lambda: kdlab_method("kd", teacher, student, tok, args, alpha=1.0),
-        "gkd l=0": lambda: kdlab_method("gkd", teacher, student, tok, args, lmbda=0.0, **sampling),
-        "gkd l=1": lambda: kdlab_method("gkd", teacher, student, tok, args, lmbda=1.0, **sampling),
+        "gkd l=0": lambda: kdlab_method("gkd", teacher, student, tok, args, lmbda=0.0, normalize="token", **sampling),
+        "gkd l=1": lambda: kdlab_method("gkd", teacher, student, tok, args, lmbda=1.0, normalize="token", **sampling),
         "imitkd": lambda: kdlab_method("imitkd", teacher, student, tok, args, schedule="exponential",
                                        exp_base=200.0, decay_steps=1, **dict(sampling, temperature=1.0)),
     }

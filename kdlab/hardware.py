@@ -75,7 +75,8 @@ def setup_runtime(cfg) -> Runtime:
     if env is not None:
         init_process_group(env, cfg.device, cfg.get("timeout_min") or 120)
     device = torch.device(cfg.device, local) if cfg.device == "cuda" else torch.device("cpu")
-    # Weights stay fp32 on the CPU; on a GPU they are kept in fp32 and computed under bf16 autocast.
+    # The frozen teacher loads in hardware.dtype (bf16 with hardware=gpu); the trained student keeps fp32
+    # weights for the optimizer and computes under autocast in that dtype on a GPU (all fp32 on the CPU).
     return Runtime(device=device, dtype=getattr(torch, cfg.dtype), rank=rank, world_size=world, strategy=strategy,
                    cfg=cfg)
 

@@ -133,9 +133,11 @@ class Trainer:
         tc = self.train_cfg
         if phase.max_steps is not None:
             return phase.max_steps
+        per_epoch = len(self.train_items) // tc.batch_size
+        if phase.epochs is not None:
+            return phase.epochs * per_epoch
         if tc.max_steps is not None:
             return tc.max_steps
-        per_epoch = len(self.train_items) // tc.batch_size
         return tc.epochs * per_epoch
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """GKD and ImitKD on tiny models: losses against naive references on the same samples, lambda = 0 = KD,
 no gradient through sampling, ImitKD's beta schedule and mixed batches, and short training runs."""
 import math
+import os
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def grads(model):
 
 def test_gkd_with_lambda_zero_is_kd_with_alpha_one():
     batch = collate(items("train", 4), TOK.pad_token_id)
-    gkd = make(GKD, lmbda=0.0, **SAMPLING)
+    gkd = make(GKD, lmbda=0.0, normalize="token", **SAMPLING)
     kd = make(KD, teacher=gkd.teacher, student=gkd.student, alpha=1.0)
     a = gkd.loss(batch, 0)
     a.loss.backward()
@@ -74,7 +75,7 @@ def test_gkd_on_policy_loss_and_gradient_equal_the_reference_on_the_fixed_sample
     """lambda = 1: the loss is the JSD on the student's own samples, and its gradient is that of the JSD
     on those samples held fixed, so nothing flows through the sampling."""
     batch = collate(items("train", 4), TOK.pad_token_id)
-    gkd = make(GKD, lmbda=1.0, **SAMPLING)
+    gkd = make(GKD, lmbda=1.0, normalize="token", **SAMPLING)
     gkd.student.train()
     state = torch.get_rng_state()
     out = gkd.loss(batch, 0)
@@ -95,10 +96,62 @@ def test_gkd_on_policy_loss_and_gradient_equal_the_reference_on_the_fixed_sample
     assert out.logs["response_tokens"] == sampled.response_mask.sum().item()
 
 
+def per_sequence_reference(method, batch, name):
+    """GKD Eqs. 2-3 as loops in float64: (1/L_y) sum_n D per sequence, then the mean over sequences."""
+    s = method.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    with torch.no_grad():
+        t = method.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    per_seq = []
+    for i in range(len(batch.input_ids)):
+        rows = batch.response_mask[i].nonzero().squeeze(1)
+        d = [naive_loss(name, s[i, n][None], t[i, n][None]) for n in rows.tolist()]
+        per_seq.append(sum(d) / len(d))
+    return sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_gkd_averages_each_sequence_then_the_sequences_by_default(lmbda):
+    batch = collate(items("train", 4), TOK.pad_token_id)
+    lengths = batch.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1          # unequal lengths: sequence and token means differ
+    gkd = make(GKD, lmbda=lmbda, normalize="sequence", **SAMPLING)
+    state = torch.get_rng_state()
+    out = gkd.loss(batch, 0)
+    out.loss.backward()
+    got = grads(gkd.student)
+    torch.set_rng_state(state)
+    assert bool(torch.rand(()) < lmbda) == bool(out.logs["on_policy"])
+    seen = batch if not lmbda else to_batch(generate(gkd.student, TOK, batch.prompt_ids, batch.prompt_mask,
+                                                     do_sample=True, max_new_tokens=6), TOK.pad_token_id)
+    ref = per_sequence_reference(gkd, seen, "jsd")
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-7)
+    for x, y in zip(got, grads(gkd.student)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    if not lmbda:
+        assert out.loss.item() != pytest.approx(reference_loss(gkd, batch, "jsd").item(), rel=1e-3)  # not the token mean
+
+
+def test_gkd_with_trls_choices_is_trls_loss():
+    """normalize=token is TRL's GKDTrainer loss: generalized_jsd_loss over the response labels ('batchmean')."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    pytest.importorskip("trl", reason="trl not installed")
+    trl_gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer", reason="TRL without the experimental GKD trainer")
+    batch = collate(items("train", 4), TOK.pad_token_id)
+    gkd = make(GKD, lmbda=0.0, normalize="token", **dict(SAMPLING, temperature=0.9))
+    out = gkd.loss(batch, 0)
+    s = gkd.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with torch.no_grad():
+        t = gkd.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    # kdlab's labels are already the next tokens (TRL shifts its logits and labels by one to the same effect)
+    trl = trl_gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=batch.labels, beta=0.5)
+    torch.testing.assert_close(out.loss, trl, rtol=1e-5, atol=1e-6)
+
+
 def test_gkd_draws_on_policy_with_probability_lambda(monkeypatch):
     import kdlab.methods.gkd as gkd_module
 
-    gkd = make(GKD, lmbda=0.3, **SAMPLING)
+    gkd = make(GKD, lmbda=0.3, normalize="token", **SAMPLING)
     monkeypatch.setattr(gkd_module, "sample_student", lambda student, tok, batch, cfg: batch)
     monkeypatch.setattr(gkd, "logits", lambda model, batch: torch.zeros(1, 257))   # no model calls
     batch = collate(items("train", 1), TOK.pad_token_id)
@@ -158,7 +211,7 @@ def test_imitkd_needs_a_schedule_length_when_training_by_epochs():
                Context(**{**vars(method.ctx), "train_cfg": OmegaConf.create({"max_steps": None})}))
 
 
-@pytest.mark.parametrize("cls,extra", [(GKD, {"lmbda": 1.0}),
+@pytest.mark.parametrize("cls,extra", [(GKD, {"lmbda": 1.0, "normalize": "sequence"}),
                                        (ImitKD, {"schedule": "linear", "exp_base": 200.0, "decay_steps": 12})])
 def test_training_lowers_the_divergence_to_the_teacher_on_held_out_prompts(cls, extra):
     torch.manual_seed(0)

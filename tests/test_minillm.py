@@ -1,5 +1,6 @@
 """MiniLLM: importance weights, clipping, advantages, the loss on fixed rollouts, state, training, and
 the pre-training (PTX) corpus."""
+import copy
 import json
 import math
 
@@ -52,16 +53,50 @@ def test_importance_weight_is_q_over_the_mixture():
 
 
 def test_ratio_clipping_on_constructed_ratios():
-    ratio = torch.tensor([0.5, 1.0, 1.5, 0.5, 1.0, 1.5])
+    # at theta = theta_old the clipped ratio rho = q_theta / p~ is the importance weight itself
+    weights = torch.tensor([0.5, 1.0, 1.5, 0.5, 1.0, 1.5])
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
-    new = ratio.log().requires_grad_(True)
-    loss, clipped = clipped_surrogate(new, torch.zeros(6), adv, torch.full((6,), 2.0), eps=0.2)
+    new = torch.zeros(6, requires_grad=True)
+    loss, clipped = clipped_surrogate(new, torch.zeros(6), adv, weights, eps=0.2)
     # A > 0: min(rho, clip(rho)) caps the gain at 1.2; A < 0: the penalty is floored at 0.8
-    torch.testing.assert_close(loss, -2.0 * torch.tensor([0.5, 1.0, 1.2, -0.8, -1.0, -1.5]))
+    torch.testing.assert_close(loss, -torch.tensor([0.5, 1.0, 1.2, -0.8, -1.0, -1.5]))
     assert clipped.tolist() == [False, False, True, True, False, False]
     loss.sum().backward()
-    # clipped entries pass no gradient; the others d/dlog rho (-w rho A) = -w rho A
-    torch.testing.assert_close(new.grad, torch.tensor([-1.0, -2.0, 0.0, 0.0, 2.0, 3.0]))
+    # clipped entries pass no gradient; the others d/dlog q (-rho A) = -rho A
+    torch.testing.assert_close(new.grad, torch.tensor([-0.5, -1.0, 0.0, 0.0, 1.0, 1.5]))
+
+
+def test_the_importance_weight_is_inside_the_clip():
+    """MiniLLM Alg. 1 clips rho_t = q_theta / p~ = exp(log q_theta - log q_old) * w_t: a token with w_t = 0.5
+    and A_t < 0 is clipped already at rho_old = 1 (0.5 < 1 - eps) and gets no gradient."""
+    logprobs = torch.full((2,), -2.0, requires_grad=True)
+    loss, clipped = clipped_surrogate(logprobs, logprobs.detach(), torch.tensor([-1.0, 1.0]),
+                                      torch.tensor([0.5, 0.5]), eps=0.2)
+    loss.sum().backward()
+    assert logprobs.grad[0].item() == 0.0 and clipped.tolist() == [True, False]
+    assert logprobs.grad[1].item() == pytest.approx(-0.5)      # A > 0, rho = 0.5: unclipped, -rho A
+
+
+def test_rewards_are_divided_by_reward_scale(setup, monkeypatch):
+    """LMOps divides the reward by reward_scaling (0.5 doubles it), then clips it."""
+    seen = []
+    real = minillm.sample_mixture
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(minillm, "sample_mixture", spy)
+    method = make_method(setup, rollouts=4, max_new_tokens=5, sft_steps=0, reward_scale=0.5, reward_clip=1.5)
+    batch = first_batch(setup, size=4)
+    method.remember(batch)
+    method.refill(4, batch.input_ids.device)
+    (g,) = seen
+    for i, r in enumerate(method.buffer):
+        n = len(r["reward"])
+        expected = ((g.teacher_logprobs[i, :n] - g.student_logprobs[i, :n]) * 2.0).clamp(-1.5, 1.5)
+        torch.testing.assert_close(r["reward"], expected)
+    assert any((r["reward"].abs() == 1.5).any() for r in method.buffer)   # the clip acts after the scaling
 
 
 def slow_advantages(rewards, lengths, gamma, length_norm, from_next):
@@ -154,9 +189,9 @@ def test_loss_on_fixed_rollouts_matches_a_hand_computation(setup):
             logp = F.log_softmax(teacher(ids).logits[0, P - 1: P - 1 + n, :len(tok)], -1)
         for t in range(n):
             lq = logq[t, r["response"][t]].item()
-            rho = math.exp(lq - r["old_logprobs"][t].item())
             a, w = r["advantage"][t].item(), r["weight"][t].item()
-            pg = -w * min(rho * a, min(max(rho, 0.8), 1.2) * a)
+            rho = math.exp(lq - r["old_logprobs"][t].item()) * w        # q_theta / p~
+            pg = -min(rho * a, min(max(rho, 0.8), 1.2) * a)
             kl = (logq[t].exp() * (logq[t] - logp[t])).sum().item()
             expected_terms.append(pg + w * kl)
     with torch.no_grad():
@@ -165,6 +200,65 @@ def test_loss_on_fixed_rollouts_matches_a_hand_computation(setup):
     expected = sum(expected_terms) / len(expected_terms) + 0.5 * ptx
     assert out.loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert out.logs["ptx"] == pytest.approx(ptx, rel=1e-4)
+
+
+def alg1_reference(student_old, student, teacher, buffer, vocab, alpha, eps, gamma, scale, clip):
+    """MiniLLM Alg. 1 on a rollout buffer from its sequences alone, in float64 on full log-softmaxes:
+    p~ = alpha p + (1 - alpha) q_old (Eq. 4), w_t = q_old / p~, r_t = clip((log p - log q_old) / scale),
+    A_t = R^Norm_{t+1} (Eq. 6) whitened over the buffer, rho_t = q_theta / p~; the mean over tokens of
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + w_t sum_v q(v) log(q(v) / p(v))."""
+    rows = []
+    for r in buffer:
+        ids = torch.cat([r["prompt"], r["response"]])[None]
+        P, y = len(r["prompt"]), r["response"]
+        n = len(y)
+        with torch.no_grad():
+            logq_old, logp = (F.log_softmax(m(ids).logits[0, P - 1: P - 1 + n, :vocab], -1) for m in (student_old, teacher))
+        logq = F.log_softmax(student(ids).logits[0, P - 1: P - 1 + n, :vocab], -1)
+        q_old_y, p_y = logq_old[range(n), y].exp(), logp[range(n), y].exp()
+        p_mix = alpha * p_y + (1 - alpha) * q_old_y
+        rew = ((p_y.log() - q_old_y.log()) / scale).clamp(-clip, clip)
+        ret = torch.zeros(n, dtype=torch.float64)
+        for t in range(n - 1):
+            ret[t] = sum(gamma ** (k - t - 1) * rew[k] for k in range(t + 1, n)) / (n - t - 1)
+        rows.append((logq, logp, y, p_mix, q_old_y / p_mix, ret))
+    adv = torch.cat([row[-1] for row in rows])
+    adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).split([len(row[-1]) for row in rows])
+    terms = []
+    for (logq, logp, y, p_mix, w, _), a in zip(rows, adv):
+        for t in range(len(y)):
+            rho = logq[t, y[t]].exp() / p_mix[t]
+            long_term = -torch.min(rho * a[t], rho.clamp(1 - eps, 1 + eps) * a[t])
+            single = w[t] * (logq[t].exp() * (logq[t] - logp[t])).sum()
+            terms.append(long_term + single)
+    return torch.stack(terms).mean(), torch.cat([row[4] for row in rows])
+
+
+def test_loss_and_gradient_equal_a_float64_reference_written_from_alg1(setup):
+    teacher, shared_student, tok, enc = setup
+    student = copy.deepcopy(shared_student)
+    cfg = dict(alpha=0.2, clip_ratio=0.2, gamma=0.95, reward_scale=0.5, reward_clip=100.0)
+    method = make_method((teacher, student, tok, enc), rollouts=4, ppo_epochs=1, max_new_tokens=6, sft_steps=0,
+                         ptx_weight=0.0, **cfg)
+    batch = first_batch(setup, size=4)
+    method.remember(batch)
+    torch.manual_seed(0)
+    method.refill(4, batch.input_ids.device)
+    student_old = copy.deepcopy(student).double()
+    with torch.no_grad():   # an inner-epoch update: theta != theta_old, so rho_t moves off w_t
+        for p in student.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    student64 = copy.deepcopy(student).double()
+    out = method.loss(batch, 0)
+    out.loss.backward()
+
+    ref, w = alg1_reference(student_old, student64, copy.deepcopy(teacher).double(), method.buffer, len(tok),
+                            cfg["alpha"], cfg["clip_ratio"], cfg["gamma"], cfg["reward_scale"], cfg["reward_clip"])
+    assert ((w < 0.8) | (w > 1.2)).any() and ((w > 0.8) & (w < 1.2)).any()   # both sides of the clip occur
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    for (name, p), p64 in zip(student.named_parameters(), student64.parameters()):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_state_survives_a_resume(setup, tmp_path):
@@ -261,3 +355,40 @@ def test_ptx_loss_on_a_corpus_matches_a_slow_reference(setup, tmp_path):
     assert no_corpus.ptx_rows is None
     expected = no_corpus.nll(no_corpus.logits(no_corpus.student, batch), batch)
     assert no_corpus.ptx_loss(batch).item() == pytest.approx(expected.item())
+
+
+# -- the paper's setting ---------------------------------------------------------------------------
+def test_the_table_experiment_is_the_papers_app_b_setting(setup):
+    from hydra import compose, initialize_config_dir
+
+    from kdlab.methods.base import Context
+    from kdlab.run import CONF_DIR, validate_config
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=minillm-table", "hardware=cpu"])
+    validate_config(cfg)
+    m, t = cfg.method, cfg.train
+    assert m.name == "minillm" and (cfg.teacher.name, cfg.student.name) == ("gpt2-xl", "gpt2-base")
+    # phase 1: 3 epochs of SFT, the lowest validation loss kept
+    assert m.sft_epochs == 3 and m.sft_steps is None
+    phases = minillm.MiniLLM(m, Context(*setup[:3], None, None, None, len(setup[2]))).phases()
+    assert [p.name for p in phases] == ["sft", "minillm"]
+    assert phases[0].epochs == 3 and phases[0].max_steps is None and phases[0].keep_best_valid_loss
+    # phase 2: 5,000 steps, mini-batch 64, 256 rollouts, 4 inner epochs, lr 5e-6 constant, temperature 1
+    assert phases[1].max_steps is None and (t.max_steps, t.epochs) == (5000, None)
+    assert t.batch_size // t.grad_accum == 64 and t.grad_accum == 1
+    assert (m.rollouts, m.ppo_epochs, m.lr, m.schedule, phases[1].schedule) == (256, 4, 5e-6, "constant", "constant")
+    assert (m.temperature, m.top_k, m.top_p, m.clip_ratio, m.alpha) == (1.0, 0, 1.0, 0.2, 0.2)
+
+
+def test_phase_lengths_in_epochs_or_steps(setup):
+    from kdlab.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)   # steps_for reads only the train config and the training set
+    trainer.train_cfg = OmegaConf.create({"max_steps": 5000, "epochs": None, "batch_size": 4})
+    trainer.train_items = list(range(18))
+    sft, policy = make_method(setup, sft_epochs=3).phases()
+    assert trainer.steps_for(sft) == 3 * (18 // 4) and trainer.steps_for(policy) == 5000
+    assert trainer.steps_for(make_method(setup, sft_steps=7).phases()[0]) == 7
+    with pytest.raises(ConfigError, match=r"method.sft_steps=7 and method.sft_epochs=3 .*set one of them to null"):
+        make_method(setup, sft_steps=7, sft_epochs=3)

@@ -42,6 +42,7 @@ class Phase:
     schedule: str | None = None         # None: train.schedule (MiniLLM's phase 2 is constant)
     # a phase before the last: end on its student with the lowest validation loss (MiniLLM's SFT phase)
     keep_best_valid_loss: bool = False
+    epochs: int | None = None           # the length in epochs instead of max_steps (MiniLLM's 3-epoch SFT)
 
 
 @dataclass

@@ -32,7 +32,8 @@ Logs: ``preference``, ``nll``, the implicit rewards ``reward_chosen = beta * (l_
 ``reward_rejected``, their margin and accuracy (margin > 0), and ``rkl``, the exact per-token reverse
 KL ``KL(q||p)`` of the next-token distributions along the student's samples (sequence level) or the
 gold responses (token level).
-Defaults follow the released code (REFERENCE.md): beta 0.1, kd_ratio 0.5, lm_coef 0.5, lr 5e-4.
+Defaults follow the authors' released code where the paper is silent: beta 0.1, kd_ratio 0.5, lm_coef 0.5,
+lr 5e-4.
 """
 from __future__ import annotations
 

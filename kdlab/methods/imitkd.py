@@ -6,8 +6,11 @@ student's own sample (for the same prompt) otherwise; the teacher is then querie
 
     L_i = mean over response tokens t of  D(p_teacher(. | x, y_<t) || q_student(. | x, y_<t))
 
-with D the ``divergence`` group: the paper's token-level forward KL is the default ``fkl``. beta_i
-decays over training (``schedule``):
+with D the ``divergence`` group: the paper's token-level forward KL is the default ``fkl``. The mean
+pools all response tokens of the micro-batch, as the released code does (``F.kl_div(...,
+reduction="batchmean")`` and ``entropies.mean()`` over the flattened non-pad target tokens); unlike GKD
+(Eq. 2), ImitKD does not normalise per sequence, so it has no ``normalize`` option. beta_i decays over
+training (``schedule``):
 
 - ``exponential`` (default, the released code's setting): beta_i = exp_base ** (-i / I), exp_base = 200,
   so beta goes from 1 to 1/200 = 0.005;

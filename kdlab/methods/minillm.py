@@ -1,27 +1,38 @@
 """MiniLLM (Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024, Alg. 1).
 
-Minimises the sequence-level reverse KL ``KL(q_theta || p)`` by policy gradient, in two phases:
+Minimises the sequence-level reverse KL ``KL(q_theta || p)`` (Eq. 1) by policy gradient, in two phases:
 
-1. ``sft``: maximum likelihood on the gold responses (``method.sft_steps`` steps at ``method.sft_lr``;
-   null: as many steps as the run's ``train.max_steps``/``epochs``; 0: skip it, e.g. when the student
-   is already an SFT checkpoint). As in MiniLLM, phase 2 starts from the phase-1 student with the
-   lowest validation loss: every ``train.eval_every`` steps (and at the phase's end) the SFT student's
-   loss on the validation split is logged as ``valid/sft_loss`` and a new best is kept in
-   ``phase0_best/`` (with ``train.eval_every=null``, the last SFT step).
-2. ``minillm``: PPO-style updates on rollouts drawn from the teacher-mixed distribution
-   ``p~ = alpha p + (1 - alpha) q`` (alpha = 0.2, temperature 1, no top-k/top-p), with
+1. ``sft``: maximum likelihood on the gold responses at ``method.sft_lr``, for ``method.sft_steps``
+   optimizer steps or ``method.sft_epochs`` epochs (App. B: 3 epochs; at most one of the two; both null:
+   as long as the run's ``train.max_steps``/``epochs``; ``sft_steps=0``: skip it, e.g. when the student
+   is already an SFT checkpoint). As Alg. 1 and App. B prescribe, phase 2 starts from the phase-1
+   student with the lowest validation loss: every ``train.eval_every`` steps (and at the phase's end)
+   the SFT student's loss on the validation split is logged as ``valid/sft_loss`` and a new best is
+   kept in ``phase0_best/`` (with ``train.eval_every=null``, the last SFT step).
+2. ``minillm``: PPO-style updates (Alg. 1) on rollouts drawn from the teacher-mixed distribution
+   ``p~ = alpha p + (1 - alpha) q_old`` (Eq. 4; alpha = 0.2, temperature 1, no top-k/top-p), with
 
-   - per-token reward ``r_t = clip(c * (log p(y_t|y<t) - log q_old(y_t|y<t)), +-100)``, ``c = 0.5``;
-   - single-step decomposition: the step-t reward is taken exactly, as the per-position reverse KL
+   - per-token reward ``r_t = clip((log p(y_t|y<t) - log q_old(y_t|y<t)) / reward_scale, +-reward_clip)``
+     (Eq. 2's r_t); like LMOps (``rewards / reward_scaling``), kdlab *divides* by ``reward_scale``, so
+     the default 0.5 doubles the reward (before the clip at 100);
+   - single-step decomposition (Eq. 3): the step-t reward is taken exactly, as the per-position reverse KL
      ``KL_t = sum_v q(v) (log q(v) - log p(v)) = CE(q, p) - H(q)`` (differentiated through q), so the
      policy-gradient advantage is the return from ``t + 1``:
      ``A_t = sum_{t'>t} gamma^(t'-t-1) r_t'``, divided by the ``|y| - t - 1`` terms it sums (length
-     normalisation), then whitened over all tokens of the rollout buffer (gamma = 0.95);
-   - importance weight of the mixture sampling ``w_t = q_old / ((1 - alpha) q_old + alpha p)``, which
-     multiplies the clipped surrogate and the single-step term;
-   - clipped ratio ``rho_t = q_theta(y_t) / q_old(y_t)``, eps = 0.2:
-     ``L = mean_t[-w_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + w_t KL_t] + ptx_weight * L_ptx``
-     (means over the sampled tokens of the minibatch);
+     normalisation, Eq. 6), then whitened over all tokens of the rollout buffer (gamma = 0.95);
+   - per-token importance weight of the mixture sampling (Eq. 5, its per-token approximation)
+     ``w_t = q_old(y_t) / p~(y_t)``, fixed at sampling time;
+   - long-term term (Alg. 1, ``(grad L)_Long^Norm``): the clipped ratio is the whole ratio against the
+     sampler, ``rho_t(theta) = q_theta(y_t) / p~(y_t) = exp(log q_theta - log q_old) * w_t``, so the
+     importance weight sits *inside* the clip (as in LMOps' ``_pg_loss``). Alg. 1 writes
+     ``-A_t grad min[rho_t, clip(rho_t, 1 - eps, 1 + eps)]``; kdlab uses the PPO form that Alg. 1 cites
+     (Schulman et al. 2017) and LMOps implements, pessimistic for either sign of A:
+     ``-min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)``, eps = 0.2. (The two agree for A_t > 0; for
+     A_t < 0 the literal min would pass gradient where rho_t < 1 - eps and block it where rho_t > 1 + eps.)
+   - single-step term ``w_t KL_t``, weighted by w_t as in Eq. 5 and Alg. 1 (LMOps leaves it unweighted);
+   - loss ``L = mean_t[-min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + w_t KL_t] + ptx_weight * L_ptx``,
+     means over the sampled tokens of the minibatch as in LMOps (Alg. 1 writes ``1/M`` times the sum over
+     each sequence's tokens; the paper's lr 5e-6 goes with LMOps' token means);
    - ``L_ptx``, weight 0.5: the LM loss on a pre-training corpus as in LMOps (OpenWebText for GPT-2):
      ``method.ptx_corpus=<local .txt or .jsonl>`` packed into rows of ``ptx_length`` tokens
      (:mod:`kdlab.data.corpus`), one row per sequence of the micro-batch drawn at random from the
@@ -29,15 +40,16 @@ Minimises the sequence-level reverse KL ``KL(q_theta || p)`` by policy gradient,
      gold responses of the trainer's current batch stand in.
 
 Mapping onto kdlab's trainer: **one trainer micro-batch = one PPO minibatch update** (the minibatch
-has the micro-batch's size). ``loss`` refills the rollout buffer when its schedule is exhausted: it
+has the micro-batch's size, so App. B's mini-batch 64 is ``train.batch_size=64`` with
+``train.grad_accum=1``). ``loss`` refills the rollout buffer when its schedule is exhausted: it
 samples one rollout per prompt of a prompt pool and schedules ``ppo_epochs`` shuffled passes over
 them. The pool is the most recent ``method.rollouts`` distinct prompts the trainer has delivered
 (current batch included), so the first buffers are smaller (only the prompts seen so far) and reach
 ``rollouts`` sequences once that many prompts have streamed by. Rollout lengths: at most
 ``method.max_new_tokens`` (null: the longest gold response among the rollout prompts). The pool, the
 buffer and its schedule are method state (checkpointed), and all sampling draws from the trainer's
-RNG stream, so a resumed run continues exactly. The learning-rate schedule is the run's
-``train.schedule`` in both phases (LMOps' phase 2 uses a constant 5e-6: ``train.schedule=constant``).
+RNG stream, so a resumed run continues exactly. Learning-rate schedules: phase 1 follows the run's
+``train.schedule``; phase 2 uses ``method.schedule`` (default constant, App. B's constant 5e-6).
 """
 from __future__ import annotations
 
@@ -45,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdlab.config import OneOf, Range, Type
+from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.data import Encoded, collate, left_pad
 from kdlab.data.corpus import check_corpus, pack_corpus
 from kdlab.generation import SAMPLING_SCHEMA, sample_mixture
@@ -89,17 +101,25 @@ def whiten(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (std + 1e-8)
 
 
+def token_rewards(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, scale: float,
+                  clip: float) -> torch.Tensor:
+    """``r_t = clip((log p - log q_old) / scale, +-clip)``: divided by ``scale`` as LMOps' ``reward_scaling``."""
+    return ((teacher_logprobs - student_logprobs) / scale).clamp(-clip, clip)
+
+
 def clipped_surrogate(logprobs, old_logprobs, adv, weights, eps: float):
-    """Per-token ``-w min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` with ``rho = exp(logprobs - old)``; also
-    whether the clip was active."""
-    ratio = (logprobs - old_logprobs).exp()
+    """Per-token ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` with the ratio against the sampler
+    ``rho = exp(logprobs - old) * w`` (MiniLLM Alg. 1: ``rho_t = q_theta / p~``); also whether the clip
+    was active."""
+    ratio = (logprobs - old_logprobs).exp() * weights
     unclipped, clipped = ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv
-    return -weights * torch.min(unclipped, clipped), (clipped < unclipped)
+    return -torch.min(unclipped, clipped), (clipped < unclipped)
 
 
 class MiniLLM(Method):
     name = "minillm"
     schema = {**Method.schema, "sft_lr": Range(0, low_open=True), "sft_steps": Range(0, integer=True, optional=True),
+              "sft_epochs": Range(1, integer=True, optional=True),
               "alpha": Range(0, 1), "rollouts": Range(1, integer=True), "ppo_epochs": Range(1, integer=True),
               "clip_ratio": Range(0, low_open=True), "gamma": Range(0, 1), "reward_scale": Range(0, low_open=True),
               "reward_clip": Range(0, low_open=True), "length_norm": Type(bool), "single_step": Type(bool),
@@ -110,6 +130,9 @@ class MiniLLM(Method):
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
+        if cfg.sft_steps is not None and cfg.sft_epochs is not None:
+            raise ConfigError(f"method.sft_steps={cfg.sft_steps} and method.sft_epochs={cfg.sft_epochs} both set the "
+                              "SFT phase's length; set one of them to null")
         if cfg.ptx_corpus and cfg.ptx_weight:
             check_corpus(cfg.ptx_corpus, "method.ptx_corpus")
 
@@ -126,7 +149,8 @@ class MiniLLM(Method):
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
         if self.cfg.sft_steps != 0:
             sft = SFT(OmegaConf.create({"name": "sft", "lr": self.cfg.sft_lr}), self.ctx)
-            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True))
+            phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True,
+                                     epochs=self.cfg.sft_epochs))
         return phases
 
     def state_dict(self) -> dict:
@@ -158,8 +182,7 @@ class MiniLLM(Method):
                                alpha=cfg.alpha, max_new_tokens=cfg.max_new_tokens or max(n for _, n in chunk),
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
             mask = g.response_mask.float()
-            reward = (cfg.reward_scale * (g.teacher_logprobs - g.student_logprobs)).clamp(-cfg.reward_clip,
-                                                                                          cfg.reward_clip)
+            reward = token_rewards(g.teacher_logprobs, g.student_logprobs, cfg.reward_scale, cfg.reward_clip)
             adv = advantages(reward, mask, cfg.gamma, cfg.length_norm, from_next=cfg.single_step)
             weight = mixture_weights(g.student_logprobs, g.teacher_logprobs, cfg.alpha)
             for i, (prompt, _) in enumerate(chunk):
@@ -195,7 +218,7 @@ class MiniLLM(Method):
         kl = reverse_kl(student, self.teacher_logits(seqs))
         loss = pg + (weight * kl).mean() if cfg.single_step else pg
         logs = {"pg": pg.item(), "rkl": kl.mean().item(), "clipfrac": clipped.float().mean().item(),
-                "ratio": (logprobs - old).exp().mean().item(), "reward": self.last_reward,
+                "ratio": ((logprobs - old).exp() * weight).mean().item(), "reward": self.last_reward,
                 "response_len": seqs.response_mask.sum().item() / len(rollouts)}
         if cfg.ptx_weight:
             ptx = self.ptx_loss(batch)

@@ -6,7 +6,7 @@ Logit arguments are ``(..., V)`` tensors of any float dtype (computed in fp32) w
 
 References:
 - OKD: Rao et al., "Exploring and Enhancing the Transfer of Distribution in Knowledge Distillation for
-  Autoregressive Language Models" (arXiv 2409.12512), Eqs. 3-7, Figures 2 and 5.
+  Autoregressive Language Models" (arXiv 2409.12512), Eqs. 3-7 (Eq. 4: UNC), Figures 2 and 5.
 - ATKD: Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models"
   (arXiv 2402.11890), where the uncertainty coefficient (UNC) comes from.
 - Arora et al. 2022, "Why Exposure Bias Matters: An Imitation Learning Perspective of Error
@@ -66,19 +66,16 @@ def uncertainty_coefficient(
 ) -> Tensor:
     """The teacher's uncertainty coefficient (UNC) per position, in [0, 1]; shape ``logits.shape[:-1]``.
 
-    ``kind="nontarget"`` (default): ``UNC = 1 - p(g)``, the teacher's probability mass outside the
-    target token ``g``. This is the UNC of ATKD (Zhong et al. 2024), which it derives from the exact
-    decomposition ``KL(p||q) = KL(b_p||b_q) + (1 - p(g)) KL(p_\\g || q_\\g)`` (b: the binary
-    target/non-target split, p_\\g: p renormalised over non-target tokens) and uses to rank tokens by
-    learning difficulty. ``targets`` are the gold next tokens (e.g. ``labels`` at response positions);
-    without them ``g`` is the teacher's own argmax, giving ``1 - max_v p(v)``.
+    ``kind="nontarget"`` (default): OKD Eq. 4, ``UNC = sum_{k != g} exp(z_k) / sum_j exp(z_j) = 1 - p(g)``
+    with ``z`` the teacher's logits and ``g`` the target token, i.e. the teacher's probability mass outside
+    the target. OKD takes it from ATKD (Zhong et al. 2024), which derives it from the exact decomposition
+    ``KL(p||q) = KL(b_p||b_q) + (1 - p(g)) KL(p_\\g || q_\\g)`` (b: the binary target/non-target split,
+    p_\\g: p renormalised over non-target tokens) and uses it to rank tokens by learning difficulty.
+    ``targets`` are the gold next tokens (e.g. ``labels`` at response positions); without them ``g`` is
+    the teacher's own argmax, giving ``1 - max_v p(v)``.
 
-    ``kind="entropy"``: the normalised entropy ``H(p) / log V``.
-
-    Caveat: OKD's Eq. 4 itself could not be retrieved here (only the paper's abstract was reachable).
-    OKD reuses the name "uncertainty coefficient (UNC)" from ATKD, whose authors overlap with OKD's
-    (L. Ding, D. Tao), so ATKD's definition is the default; ``kind="entropy"`` is the fallback reading.
-    Both rank a peaked teacher as certain and a flat one as uncertain.
+    ``kind="entropy"``: the normalised entropy ``H(p) / log V``, an alternative difficulty measure (not
+    OKD's).
     """
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     if kind == "nontarget":
