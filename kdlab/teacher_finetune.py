@@ -166,7 +166,9 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
                   "select_best": False},
         "eval": plain(cfg.eval), "seed": s["seed"]})
     seed_everything(s["seed"])
-    model = teacher.float().train()      # float32 master weights, as students train
+    # float32 master weights, as students train (nn.Module's own cast: transformers refuses .float() on a
+    # model loaded from GGUF, which kdlab has already dequantised)
+    model = torch.nn.Module.float(teacher).train()
     peft_model = None
     if s["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
