@@ -192,7 +192,6 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     logger.finish()
     if peft_model is not None:
         model = peft_model.merge_and_unload()
-    model.get_input_embeddings().sparse = False   # the trainer's sparse tied-embedding gradient
     return model, info
 
 
