@@ -136,6 +136,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     from kdlab.student import build_student
     from kdlab.teacher import load_teacher
     from kdlab.teacher_cache import open_cache
+    from kdlab.teacher_finetune import finetuned_teacher
     from kdlab.trainer import Trainer, save_pretrained
 
     runtime = setup_runtime(cfg.hardware)
@@ -180,6 +181,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
         if not items:
             raise ConfigError(f"every {name} prompt is longer than dataset.max_prompt_length="
                               f"{cfg.dataset.max_prompt_length} tokens; raise dataset.max_prompt_length")
+    if teacher is not None and cfg.teacher.get("finetune"):   # the student above was cut from the loaded teacher
+        teacher = finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items)
 
     logger = build_logger(cfg, run_dir, runtime.is_main)
     ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=build_divergence(cfg.divergence),

