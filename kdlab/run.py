@@ -247,6 +247,18 @@ def multirun_flag_first() -> None:
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
 
 
+def refuse_null_groups(argv: list[str]) -> None:
+    """``student=null`` (or ``~teacher``) would drop a required group, which Hydra reports with a traceback
+    (or kdlab later with a missing key): end with one line naming the options instead."""
+    for arg in argv:
+        group = arg[1:] if arg.startswith("~") and "=" not in arg else arg.lstrip("+").removesuffix("=null")
+        if arg != group and group in ("teacher", "student", "method", "divergence", "dataset", "hardware", "logger"):
+            options = ", ".join(sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")))
+            print(f"kdlab: error: {arg} removes the {group} group, which every job needs; choose {group}=<one of: "
+                  f"{options}>", file=sys.stderr)
+            sys.exit(2)
+
+
 def cli(job, config_name: str) -> None:
     """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere, and a
     bad config or an unavailable model ends the process with one line and exit status 2."""
@@ -259,6 +271,7 @@ def cli(job, config_name: str) -> None:
             sys.exit(2)
 
     multirun_flag_first()
+    refuse_null_groups(sys.argv[1:])
     main()
 
 
