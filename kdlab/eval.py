@@ -66,7 +66,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     if not from_teacher:
         check_available(cfg.student, "student")
 
-    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed)
+    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
 
     teacher, teacher_tokenizer = load_teacher(cfg.teacher, runtime.dtype) if use_teacher else (None, None)
     student, tokenizer = load_student(cfg, teacher, teacher_tokenizer)

@@ -145,7 +145,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
             raise ConfigError(f"dataset={cfg.dataset.name} has no {split} split; training needs train, valid and "
                               f"test (e.g. dataset=dolly dataset.path=../shared/data/dolly-1k)")
     check_batch_size(cfg.train.batch_size, len(splits["train"]), f"{len(splits['train'])} rows")
-    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed)
+    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
 
     # teacher.cache: no teacher in memory (only loaded to build a student from its layers); its top-k is
     # read from the cache, and the evaluation rows that need the teacher (its own, the analysis) are skipped

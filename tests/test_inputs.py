@@ -117,6 +117,21 @@ def test_the_list_and_the_mapping_compose_from_the_command_line():
     assert eval_datasets(cfg.eval.datasets, cfg.dataset)["sni"]["max_length"] == 1024
 
 
+def test_an_eval_set_that_cannot_be_read_names_its_own_key(monkeypatch, tmp_path):
+    from kdlab.data import load_test_sets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))   # an empty hub cache
+    train = OmegaConf.load(ROOT / "conf/dataset/synthetic.yaml")
+    with pytest.raises(ConfigError, match=r"dataset=vicuna: MiniLLM/Vicuna/valid.jsonl is not in the local hub cache "
+                                          r".* or set eval.datasets.vicuna.path= to a local jsonl copy"):
+        load_test_sets(eval_datasets(["vicuna"], train), 1, "synthetic")
+    with pytest.raises(ConfigError, match=r"eval.datasets.mine.path=/nonexistent.jsonl does not exist"):
+        load_test_sets(eval_datasets({"mine": {"source": "jsonl", "path": "/nonexistent.jsonl"}}, train), 1, "synthetic")
+
+
 # --- item 8: malformed data rows ---------------------------------------------------------------------
 GOOD = '{"instruction": "Add 1 and 2.", "input": "", "output": "3"}\n'
 

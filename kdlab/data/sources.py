@@ -242,16 +242,16 @@ def _read_jsonl(path: Path, name: str, split: str) -> list[dict]:
     return rows
 
 
-def _read_local(path: str, name: str, file_split: str = "test") -> dict[str, list[dict]]:
+def _read_local(path: str, name: str, file_split: str = "test", key: str = "dataset") -> dict[str, list[dict]]:
     p = _resolve(path)
     if p.is_file():
         return {file_split: _read_jsonl(p, name, file_split)}
     if not p.is_dir():
-        raise ConfigError(f"dataset.path={path} does not exist (resolved to {p}); paths are relative "
+        raise ConfigError(f"{key}.path={path} does not exist (resolved to {p}); paths are relative "
                           f"to the launch directory")
     splits = {s: _read_jsonl(p / f"{s}.jsonl", name, s) for s in SPLITS if (p / f"{s}.jsonl").is_file()}
     if not splits:
-        raise ConfigError(f"dataset.path={path} has none of train.jsonl, valid.jsonl, test.jsonl")
+        raise ConfigError(f"{key}.path={path} has none of train.jsonl, valid.jsonl, test.jsonl")
     return splits
 
 
@@ -278,13 +278,13 @@ def _reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_file(name: str, repo_id: str, filename: str) -> Path:
+def _hub_file(name: str, repo_id: str, filename: str, key: str = "dataset") -> Path:
     """A file of a hub dataset repo: from the local cache, else downloaded (unless offline)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     fix = (f"pre-download it (huggingface-cli download --repo-type dataset {repo_id} {filename}, "
-           f"cached under HF_HOME) or set dataset.path= to a local jsonl copy")
+           f"cached under HF_HOME) or set {key}.path= to a local jsonl copy")
     try:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
     except LocalEntryNotFoundError as err:
@@ -328,15 +328,16 @@ def _cap(splits: dict[str, list[dict]], max_examples: Any) -> dict[str, list[dic
     return {s: rows if caps.get(s) is None else rows[:caps[s]] for s, rows in splits.items()}
 
 
-def load_test_sets(cfgs: dict, seed: int) -> dict[str, tuple[list[dict], Any]]:
-    """``{name: (test rows, dataset config)}`` for ``{name: dataset config}``; a set without a test split
-    is a :class:`ConfigError`."""
+def load_test_sets(cfgs: dict, seed: int, train: str) -> dict[str, tuple[list[dict], Any]]:
+    """``{name: (test rows, dataset config)}`` for ``{name: dataset config}``, where the set named
+    ``train`` is the ``dataset`` group and the others ``eval.datasets`` entries; a set without a test
+    split is a :class:`ConfigError`."""
     out = {}
     for name, dcfg in cfgs.items():
-        rows = load_splits(dcfg, seed).get("test")
+        key = "dataset" if name == train else f"eval.datasets.{name}"
+        rows = load_splits(dcfg, seed, key).get("test")
         if not rows:
-            raise ConfigError(f"dataset {name} has no test split; point it at a test file (e.g. "
-                              f"eval.datasets.{name}.path=<file>, or dataset.path=<file> for the training dataset)")
+            raise ConfigError(f"dataset {name} has no test split; point it at a test file ({key}.path=<file>)")
         out[name] = (rows, dcfg)
     return out
 
@@ -351,9 +352,10 @@ def _capped_sizes(sizes: dict, max_examples: Any) -> dict:
     return {s: n if caps.get(s) is None else min(n, caps[s]) for s, n in sizes.items()}
 
 
-def load_splits(cfg: Any, seed: int) -> dict[str, list[dict]]:
-    """Examples of ``cfg`` (the ``dataset`` group) by split; eval-only sets have only ``test``."""
-    cfg = validate_dataset(cfg)
+def load_splits(cfg: Any, seed: int, key: str = "dataset") -> dict[str, list[dict]]:
+    """Examples of ``cfg`` (the ``dataset`` group, or the ``eval.datasets`` entry that errors name by
+    ``key``) by split; eval-only sets have only ``test``."""
+    cfg = validate_dataset(cfg, key)
     source = cfg.get("source", cfg.get("name"))
     name = cfg.get("name", source)
     if source == "synthetic":
@@ -363,21 +365,21 @@ def load_splits(cfg: Any, seed: int) -> dict[str, list[dict]]:
                                               cfg.get("max_examples")),
                                 cfg.get("families"), cfg.get("levels", list(LEVELS)))
     elif source == "jsonl":
-        splits = _read_local(cfg["path"], name, cfg.get("file_split", "test"))
+        splits = _read_local(cfg["path"], name, cfg.get("file_split", "test"), key)
     elif cfg.get("path"):
-        splits = _read_local(cfg["path"], name)
+        splits = _read_local(cfg["path"], name, key=key)
         if source in EVAL_ONLY:
             if "test" not in splits:
-                raise ConfigError(f"dataset.path={cfg['path']} has no test.jsonl; eval-only dataset={name} "
+                raise ConfigError(f"{key}.path={cfg['path']} has no test.jsonl; eval-only dataset={name} "
                                   f"reads a test.jsonl or a single .jsonl file")
             splits = {"test": splits["test"]}
     elif source == "dolly":
         splits = _dolly_hub(cfg)
     else:
         if not cfg.get("hub_id") or not cfg.get("hub_file"):
-            raise ConfigError(f"dataset={name} has neither dataset.path nor dataset.hub_id and "
-                              f"dataset.hub_file; set one")
-        splits = {"test": _read_jsonl(_hub_file(name, cfg["hub_id"], cfg["hub_file"]), name, "test")}
+            raise ConfigError(f"dataset={name} has neither {key}.path nor {key}.hub_id and "
+                              f"{key}.hub_file; set one")
+        splits = {"test": _read_jsonl(_hub_file(name, cfg["hub_id"], cfg["hub_file"], key), name, "test")}
 
     min_words = cfg.get("min_response_words")
     if min_words:
@@ -385,5 +387,5 @@ def load_splits(cfg: Any, seed: int) -> dict[str, list[dict]]:
         empty = [s for s, rows in splits.items() if not rows]
         if empty:
             raise ConfigError(f"dataset={name}: no example of split(s) {empty} has an output of "
-                              f">= {min_words} words; lower dataset.min_response_words or set it to null")
+                              f">= {min_words} words; lower {key}.min_response_words or set it to null")
     return _cap(splits, cfg.get("max_examples"))
