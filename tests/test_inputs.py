@@ -160,8 +160,9 @@ GOOD = '{"instruction": "Add 1 and 2.", "input": "", "output": "3"}\n'
 
 @pytest.mark.parametrize("line, what", [
     (b'{"instruction": "Add.", "input": ""}\n', 'the row has no "output"'),
-    (b'{"instruction": "Add.", "output": 3}\n', 'the row has a int "output"'),
+    (b'{"instruction": "Add.", "output": 3}\n', 'the row has an "output" of type int, not a string'),
     (b'{"input": "x", "output": "3"}\n', 'the row has no "instruction"'),
+    (b'{"instruction": "Add.", "input": 1, "output": "3"}\n', 'the row has an "input" of type int, not a string'),
     (b'{"instruction": "caf\xe9", "output": "3"}\n', r"not UTF-8 \(byte b'\\xe9' at offset 20\)"),
     (b'{"instruction": "Add." "output": "3"}\n', r"not JSON \(Expecting ',' delimiter at column 24\)"),
     (b'instruction,output\n', r"not JSON \(Expecting value at column 1\)"),

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kdlab.config import ConfigError
-from kdlab.data.sources import eval_datasets, load_splits, load_test_sets, validate_dataset  # noqa: F401  (the group's entry points)
+from kdlab.data.sources import (eval_datasets, load_splits, load_test_sets,  # noqa: F401  (the group's entry points)
+                                validate_dataset)
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -92,8 +93,7 @@ def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict) -> tuple[d
     """Encode a job's sets, each with its own dataset config's limits and template.
 
     ``splits``: the training dataset's ``{split: rows}`` (train and valid are used; None for an
-    evaluation-only job); ``test_sets``:
-    ``{name: (rows, dataset config)}``. Returns ``(items, counts, notes)``: ``items`` has ``train``,
+    evaluation-only job); ``test_sets``: ``{name: (rows, dataset config)}``. Returns ``(items, counts, notes)``: ``items`` has ``train``,
     ``valid`` and ``test`` (``{name: [Encoded]}``, the first ``eval.test_examples`` rows), ``counts`` the
     same layout of :func:`encode_counted` counts (for results.json), ``notes`` the console lines of
     :func:`counts_note`. A set left empty is a :class:`ConfigError`, and so is a training set smaller
@@ -119,7 +119,7 @@ def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict) -> tuple[d
         items["valid"], counts["valid"] = one("valid", splits["valid"], cfg.dataset, "dataset",
                                               cfg.train.valid_examples)
     for name, (rows, dcfg) in test_sets.items():
-        key = "dataset" if name == cfg.dataset.name else f"eval.datasets.{name}"
+        key = "dataset" if dcfg is cfg.dataset else f"eval.datasets.{name}"
         items["test"][name], counts["test"][name] = one(f"test {name}", rows, dcfg, key, cfg.eval.test_examples)
     return items, counts, [n for n in notes if n]
 

@@ -194,18 +194,21 @@ def _normalise(row: dict, name: str, split: str, index: int, where: str) -> dict
     fix = 'every row needs "instruction" and "output" strings (MiniLLM: "output" may be a list of strings)'
     instruction = row.get("instruction")
     if not isinstance(instruction, str):
-        what = "has no \"instruction\"" if instruction is None else f"has a {type(instruction).__name__} \"instruction\""
+        what = ("has no \"instruction\"" if instruction is None
+                else f"has an \"instruction\" of type {type(instruction).__name__}, not a string")
         raise ConfigError(f"{where}: the row {what}; {fix}")
     output = row.get("output", row.get("response"))
     refs = (row.get("meta") or {}).get("references") or row.get("references")
     if isinstance(output, list) and output and all(isinstance(o, str) for o in output):
         refs, output = output, output[0]
     if not isinstance(output, str):
-        what = "has no \"output\"" if output is None else f"has a {type(output).__name__} \"output\""
+        what = ("has no \"output\"" if output is None
+                else f"has an \"output\" of type {type(output).__name__}, not a string")
         raise ConfigError(f"{where}: the row {what}; {fix}")
     context = row.get("input", row.get("context")) or ""
     if not isinstance(context, str):
-        raise ConfigError(f"{where}: the row has a {type(context).__name__} \"input\"; give a string or leave it out")
+        raise ConfigError(f"{where}: the row has an \"input\" of type {type(context).__name__}, not a string; "
+                          f"give a string or leave it out")
     if refs and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
         raise ConfigError(f"{where}: the row's references are not a list of strings; fix or remove them")
     example = {"id": str(row.get("id", f"{name}-{split}-{index:05d}")), "instruction": instruction,
