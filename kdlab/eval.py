@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from kdlab.checkpoint import atomic_write_json, read_json
 from kdlab.config import ConfigError
-from kdlab.run import check_same_job, cli, eval_dataset_cfgs, format_table, prompt_template, validate_config
+from kdlab.run import check_same_job, cli, eval_dataset_cfgs, format_table, validate_config
 
 MODELS = ("student", "teacher")
 
@@ -49,7 +49,7 @@ def load_student(cfg, teacher, teacher_tokenizer):
 
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
-    from kdlab.data import encode, load_splits
+    from kdlab.data import encode_sets, load_test_sets
     from kdlab.evaluation import analysis_table, evaluate
     from kdlab.hardware import seed_everything, setup_runtime
     from kdlab.loggers import build_logger, flatten
@@ -66,12 +66,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     if not from_teacher:
         check_available(cfg.student, "student")
 
-    test_sets = {}
-    for name, dcfg in eval_dataset_cfgs(cfg).items():
-        rows = load_splits(dcfg, cfg.seed).get("test")
-        if not rows:
-            raise ConfigError(f"dataset {name} has no test split; point it at a test file (e.g. dataset.path=<file>)")
-        test_sets[name] = rows
+    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
 
     teacher, teacher_tokenizer = load_teacher(cfg.teacher, runtime.dtype) if use_teacher else (None, None)
     student, tokenizer = load_student(cfg, teacher, teacher_tokenizer)
@@ -80,13 +75,10 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         teacher.to(runtime.device)
     vocab = len(tokenizer)
 
-    items = {name: encode(rows[: cfg.eval.test_examples] if cfg.eval.test_examples else rows, tokenizer,
-                          prompt_template(cfg), cfg.dataset.max_prompt_length, cfg.dataset.max_length)
-             for name, rows in test_sets.items()}
-    for name, encoded in items.items():
-        if not encoded:
-            raise ConfigError(f"every {name} prompt is longer than dataset.max_prompt_length="
-                              f"{cfg.dataset.max_prompt_length} tokens; raise dataset.max_prompt_length")
+    encoded_sets, data_counts, notes = encode_sets(cfg, tokenizer, None, test_sets)   # each with its own limits
+    items = encoded_sets["test"]
+    if runtime.is_main and notes:
+        print("\n".join(notes))
 
     models = {"teacher": teacher, "student": student}
     reference = teacher if cfg.eval.analysis.enabled else None
@@ -101,6 +93,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
                 "dataset": cfg.dataset.name, "datasets": list(items), "seed": cfg.seed,
                 "experiment": cfg.experiment, "eval_time_s": time.perf_counter() - start, "status": "completed"},
         "eval": evals,
+        "data": data_counts,
     }
     if runtime.is_main:
         logger = build_logger(cfg, run_dir, runtime.is_main)

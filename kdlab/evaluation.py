@@ -35,7 +35,7 @@ from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr
 from kdlab.modeling import response_logits
 
 SCHEMA = {
-    "datasets": Type(list),
+    "datasets": Type(list, dict, optional=True),   # names or {name: dataset keys}: kdlab.data.eval_datasets
     "test_examples": Range(1, integer=True, optional=True),
     "models": Type(list),
     "batch_size": Range(1, integer=True),

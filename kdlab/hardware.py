@@ -26,7 +26,11 @@ SCHEMA = {
 def validate_hardware(cfg) -> None:
     check_section("hardware", cfg, SCHEMA)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("hardware=gpu but no CUDA device is visible; run on a GPU node or use hardware=cpu")
+        name = cfg.get("name", "gpu")
+        fix = ("hardware=cpu" if cfg.get("strategy", "none") == "none"
+               else f"hardware.device=cpu hardware.dtype=float32 (hardware={name} on CPU processes, gloo)")
+        raise ConfigError(f"hardware={name} (hardware.device=cuda) but no CUDA device is visible; run on a GPU "
+                          f"node or use {fix}")
     env = dist_env()
     if cfg.get("strategy", "none") == "none" and env is not None and env.world_size > 1 and "RANK" in os.environ:
         raise ConfigError(f"launched as {env.world_size} processes (torchrun) but hardware={cfg.get('name')} runs one; "

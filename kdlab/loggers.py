@@ -185,6 +185,7 @@ def resolve_wandb_mode(mode: str | None) -> tuple[str, bool]:
 
 class WandbSink:
     """A W&B run in ``<dir>/wandb``: the resolved config, every ``log`` and the final ``summary``.
+    ``<dir>`` is ``logger.dir``, else ``$WANDB_DIR`` (as W&B users on clusters set it), else the run folder.
 
     Offline runs are uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. The run id is
     kept in ``<run_dir>/wandb_id.<job_type>`` so a resumed job continues its W&B run (``resume="allow"``;
@@ -201,7 +202,7 @@ class WandbSink:
         id_file = run_dir / f"wandb_id.{job_type}"  # an eval job in a train dir gets its own run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        wandb_dir = Path(lcfg.get("dir") or run_dir)
+        wandb_dir = Path(lcfg.get("dir") or os.environ.get("WANDB_DIR") or run_dir)   # W&B's own variable, then the run
         wandb_dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(
             project=lcfg.get("project") or "kdlab",

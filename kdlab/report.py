@@ -16,6 +16,9 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
 - a "Missing/failed runs" section: run directories (``.hydra/`` or ``config.yaml``) without
   ``results.json``, and results whose ``status`` is not ``completed``. They are never averaged in.
 
+A folder that does not exist, or holds no run at all, is an error (exit status 2, one line), not an
+empty report.
+
 Methods are labelled ``method (divergence)`` when the run names a divergence, followed by the run's
 other command-line overrides (results.json ``run.overrides``, e.g. ``[method.lora_layers=null]``) so
 that the points of an ablation grid get a row each; overrides that do not change what is trained or
@@ -31,6 +34,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +371,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write report.md/csv and plots (default: folder)")
     parser.add_argument("--metric", default="rougeL", help="metric under eval.<model>.<dataset> (default: rougeL)")
     args = parser.parse_args(argv)
+    problem = (f"{args.folder} is not a folder" if not args.folder.is_dir() else
+               f"{args.folder} holds no run (no results.json, config.yaml or .hydra/ under it)"
+               if scan(args.folder) == ([], []) else None)
+    if problem:
+        print(f"kdlab: error: {problem}; pass the output folder of a run or sweep (e.g. outputs/multirun/<experiment>)",
+              file=sys.stderr)
+        sys.exit(2)
     print(build_report(args.folder, args.out or args.folder, args.metric), end="")
 
 

@@ -55,6 +55,7 @@ def validate_config(cfg) -> None:
     validate_logger(cfg.logger)
     validate_train(cfg.train)
     validate_eval(cfg.eval)
+    eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
     method = method_class(cfg.method.name)
@@ -71,17 +72,10 @@ def prompt_template(cfg) -> str:
 
 
 def eval_dataset_cfgs(cfg) -> dict:
-    """The training dataset's test split plus every ``eval.datasets`` entry (conf/dataset/<name>.yaml)."""
-    out = {cfg.dataset.name: cfg.dataset}
-    for name in cfg.eval.datasets:
-        if name == cfg.dataset.name:
-            continue  # already there, with the user's overrides
-        path = Path(CONF_DIR) / "dataset" / f"{name}.yaml"
-        if not path.exists():
-            valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-            raise ConfigError(f"eval.datasets contains {name!r}, not a dataset; valid: {valid}")
-        out[name] = OmegaConf.load(path)
-    return out
+    """The training dataset's test split plus every ``eval.datasets`` entry (:func:`kdlab.data.eval_datasets`)."""
+    from kdlab.data import eval_datasets
+
+    return {cfg.dataset.name: cfg.dataset, **eval_datasets(cfg.eval.datasets, cfg.dataset, CONF_DIR)}
 
 
 def format_table(evals: dict) -> str:
@@ -125,7 +119,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     line minus seed, method, student, ...) goes into results.json, where ``kdlab.report`` tells configurations apart by it."""
     from transformers import AutoModelForCausalLM
 
-    from kdlab.data import encode, load_splits
+    from kdlab.data import check_batch_size, encode_sets, load_splits, load_test_sets
     from kdlab.divergences import build_divergence
     from kdlab.evaluation import analysis_table, evaluate
     from kdlab.hardware import seed_everything, setup_runtime
@@ -151,7 +145,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
         if not splits.get(split):
             raise ConfigError(f"dataset={cfg.dataset.name} has no {split} split; training needs train, valid and "
                               f"test (e.g. dataset=dolly dataset.path=../shared/data/dolly-1k)")
-    test_sets = {name: load_splits(dcfg, cfg.seed)["test"] for name, dcfg in eval_dataset_cfgs(cfg).items()}
+    check_batch_size(cfg.train.batch_size, len(splits["train"]), f"{len(splits['train'])} rows")
+    test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
 
     # teacher.cache: no teacher in memory (only loaded to build a student from its layers); its top-k is
     # read from the cache, and the evaluation rows that need the teacher (its own, the analysis) are skipped
@@ -171,16 +166,10 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     student.to(runtime.device)
     vocab = len(tokenizer)
 
-    def enc(examples, cap=None):
-        return encode(examples[:cap] if cap else examples, tokenizer, prompt_template(cfg),
-                      cfg.dataset.max_prompt_length, cfg.dataset.max_length)
-
-    train_items, valid_items = enc(splits["train"]), enc(splits["valid"], cfg.train.valid_examples)
-    test_items = {name: enc(rows, cfg.eval.test_examples) for name, rows in test_sets.items()}
-    for name, items in {"train": train_items, "valid": valid_items, **test_items}.items():
-        if not items:
-            raise ConfigError(f"every {name} prompt is longer than dataset.max_prompt_length="
-                              f"{cfg.dataset.max_prompt_length} tokens; raise dataset.max_prompt_length")
+    items, data_counts, notes = encode_sets(cfg, tokenizer, splits, test_sets)   # each set with its own limits
+    train_items, valid_items, test_items = items["train"], items["valid"], items["test"]
+    if runtime.is_main and notes:
+        print("\n".join(notes))
     if teacher is not None and cfg.teacher.get("finetune"):   # the student above was cut from the loaded teacher
         teacher = finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items)
 
@@ -237,6 +226,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
                 "selected": "best" if cfg.train.select_best and (run_dir / "student_best").exists() else "final",
                 "status": "completed"},
         "eval": evals,
+        "data": data_counts,
     }
     if runtime.is_main:
         atomic_write_json(run_dir / "results.json", results)
@@ -260,6 +250,18 @@ def multirun_flag_first() -> None:
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
 
 
+def refuse_null_groups(argv: list[str]) -> None:
+    """``student=null`` (or ``~teacher``) would drop a required group, which Hydra reports with a traceback
+    (or kdlab later with a missing key): end with one line naming the options instead."""
+    for arg in argv:
+        group = arg[1:] if arg.startswith("~") and "=" not in arg else arg.lstrip("+").removesuffix("=null")
+        if arg != group and group in ("teacher", "student", "method", "divergence", "dataset", "hardware", "logger"):
+            options = ", ".join(sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")))
+            print(f"kdlab: error: {arg} removes the {group} group, which every job needs; choose {group}=<one of: "
+                  f"{options}>", file=sys.stderr)
+            sys.exit(2)
+
+
 def cli(job, config_name: str) -> None:
     """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere, and a
     bad config or an unavailable model ends the process with one line and exit status 2."""
@@ -272,6 +274,7 @@ def cli(job, config_name: str) -> None:
             sys.exit(2)
 
     multirun_flag_first()
+    refuse_null_groups(sys.argv[1:])
     main()
 
 

@@ -154,16 +154,39 @@ class TeacherCache:
 
     def __init__(self, folder):
         self.folder = Path(folder)
+        rebuild = ("rebuild it with `python -m kdlab.cache_teacher teacher=<name> dataset=<name>` and pass the folder "
+                   "it prints")
         manifest = self.folder / "manifest.json"
         if not manifest.exists():
-            raise ConfigError(f"teacher.cache={folder} is not a complete teacher cache (no manifest.json); build "
-                              f"one with `python -m kdlab.cache_teacher teacher=<name> dataset=<name>` and pass the "
-                              f"folder it prints")
-        self.manifest = read_json(manifest)
-        self.index = read_json(self.folder / "index.json")
-        self.values = [np.load(self.folder / f"values-{i:05d}.npy", mmap_mode="r") for i in range(self.manifest["shards"])]
-        self.indices = [np.load(self.folder / f"indices-{i:05d}.npy", mmap_mode="r") for i in range(self.manifest["shards"])]
-        self.top_k = self.manifest["top_k"]
+            raise ConfigError(f"teacher.cache={folder} is not a complete teacher cache (no manifest.json); {rebuild}")
+        try:
+            self.manifest = read_json(manifest)
+        except ValueError as err:
+            raise ConfigError(f"teacher.cache={folder}: manifest.json is not valid JSON ({err}); {rebuild}") from None
+        lacking = [k for k in ("components", "data", "top_k", "shards")
+                   if not isinstance(self.manifest, dict) or k not in self.manifest]
+        if lacking:
+            raise ConfigError(f"teacher.cache={folder}: manifest.json lacks {', '.join(lacking)}; {rebuild}")
+        shards, self.top_k = self.manifest["shards"], self.manifest["top_k"]
+        try:
+            self.index = read_json(self.folder / "index.json")
+        except FileNotFoundError:
+            raise ConfigError(f"teacher.cache={folder} has no index.json; {rebuild}") from None
+        except ValueError as err:
+            raise ConfigError(f"teacher.cache={folder}: index.json is not valid JSON ({err}); {rebuild}") from None
+        self.values, self.indices = [], []
+        for i in range(shards):
+            for kind, out in (("values", self.values), ("indices", self.indices)):
+                path = self.folder / f"{kind}-{i:05d}.npy"
+                try:
+                    out.append(np.load(path, mmap_mode="r"))
+                except (OSError, ValueError) as err:   # missing, truncated (mmap longer than the file), not .npy
+                    raise ConfigError(f"teacher.cache={folder}: {path.name} is missing or damaged "
+                                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                      f"{rebuild}") from None
+            if self.values[i].shape != self.indices[i].shape or self.values[i].shape[1:] != (self.top_k,):
+                raise ConfigError(f"teacher.cache={folder}: values-{i:05d}.npy and indices-{i:05d}.npy do not "
+                                  f"match the manifest (top_k={self.top_k}); {rebuild}")
 
     def check(self, components: dict, items) -> None:
         """Raise :class:`ConfigError` naming the first thing this run differs in from the cache's build."""

@@ -194,8 +194,9 @@ def test_eval_cli_reproduces_the_training_jobs_evaluation(trained, tmp_path):
 
 def test_eval_cli_on_real_sets_without_teacher(trained, tmp_path, shared_data):
     out = tmp_path / "eval"
-    # byte-level tiny model: only short prompts fit its 512 positions
-    run_kdlab("student=tiny", f"student.path={trained / 'student'}", "dataset=sni", "eval.datasets=[unni]",
+    # byte-level tiny model: only short prompts fit its 512 positions; unni with limits of its own
+    run_kdlab("student=tiny", f"student.path={trained / 'student'}", "dataset=sni",
+              "eval.datasets={unni:{max_prompt_length:470,max_length:510}}",
               "eval.test_examples=8", "dataset.max_prompt_length=470", "dataset.max_length=510",
               "eval.max_new_tokens=8", "eval.analysis.enabled=false", f"hydra.run.dir={out}", module="kdlab.eval")
     res = json.loads((out / "results.json").read_text())
@@ -203,3 +204,4 @@ def test_eval_cli_on_real_sets_without_teacher(trained, tmp_path, shared_data):
     for data, n in (("sni", 3), ("unni", 3)):  # of the first 8 rows, 3 prompts each fit 470 bytes
         m = res["eval"]["student"][data]
         assert m["num_examples"] == n and 0 <= m["rougeL"] <= 100 and m["loss"] > 0 and "top1" not in m
+        assert res["data"]["test"][data]["dropped"] == 8 - n and res["data"]["test"][data]["max_length"] == 510

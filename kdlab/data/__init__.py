@@ -6,6 +6,11 @@ Tokenisation follows MiniLLM (LMOps ``process_data_dolly.py``):
 boundary), without special tokens. Examples whose prompt is longer than ``max_prompt_length`` are
 dropped (as LMOps does); responses are cut so that prompt + response fits ``max_length`` (the EOS is
 kept when the cut response still has room for it, otherwise the response simply ends at the limit).
+
+Each set is encoded with its own dataset config's limits (:func:`encode_sets`: the training splits with
+``dataset``'s, every ``eval.datasets`` entry with its own), and what the limits cost is counted: rows
+``dropped`` (prompt too long) and ``truncated`` (response cut, its EOS included), kept in
+``results.json`` under ``data`` and said once on the console.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdlab.data.sources import load_splits, validate_dataset  # noqa: F401  (the group's entry points)
+from kdlab.config import ConfigError
+from kdlab.data.sources import (eval_datasets, load_splits, load_test_sets,  # noqa: F401  (the group's entry points)
+                                validate_dataset)
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -39,8 +46,11 @@ class Encoded:
     example: dict
 
 
-def encode(examples: list[dict], tokenizer, template: str, max_prompt_length: int, max_length: int) -> list[Encoded]:
-    out = []
+def encode_counted(examples: list[dict], tokenizer, template: str, max_prompt_length: int,
+                   max_length: int) -> tuple[list[Encoded], dict]:
+    """:func:`encode`, and a count of what the limits cost: ``{rows, kept, dropped, truncated,
+    max_prompt_length, max_length}``."""
+    out, truncated = [], 0
     for ex in examples:
         prompt = format_prompt(ex, template, tokenizer)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -48,8 +58,70 @@ def encode(examples: list[dict], tokenizer, template: str, max_prompt_length: in
             continue
         full = tokenizer.encode(prompt + ex["output"], add_special_tokens=False)
         response = full[len(prompt_ids):] + [tokenizer.eos_token_id]
-        out.append(Encoded(prompt_ids, response[: max_length - len(prompt_ids)], ex))
-    return out
+        room = max_length - len(prompt_ids)
+        truncated += len(response) > room
+        out.append(Encoded(prompt_ids, response[:room], ex))
+    counts = {"rows": len(examples), "kept": len(out), "dropped": len(examples) - len(out), "truncated": truncated,
+              "max_prompt_length": max_prompt_length, "max_length": max_length}
+    return out, counts
+
+
+def encode(examples: list[dict], tokenizer, template: str, max_prompt_length: int, max_length: int) -> list[Encoded]:
+    return encode_counted(examples, tokenizer, template, max_prompt_length, max_length)[0]
+
+
+def counts_note(name: str, counts: dict, key: str) -> str | None:
+    """One console line for a set that lost rows or response tokens to its limits (None if none)."""
+    lost = []
+    if counts["dropped"]:
+        lost.append(f"{counts['dropped']} of {counts['rows']} rows dropped (prompt over "
+                    f"{key}.max_prompt_length={counts['max_prompt_length']} tokens)")
+    if counts["truncated"]:
+        lost.append(f"{counts['truncated']} of {counts['kept']} responses truncated at "
+                    f"{key}.max_length={counts['max_length']} tokens")
+    return f"kdlab: {name}: {', '.join(lost)}" if lost else None
+
+
+def check_batch_size(batch_size: int, usable: int, what: str) -> None:
+    """A training set smaller than one batch can make no optimizer step: say so before any evaluation."""
+    if usable < batch_size:
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the training set ({what}); lower "
+                          f"train.batch_size to at most {usable} or add training data")
+
+
+def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict) -> tuple[dict, dict, list[str]]:
+    """Encode a job's sets, each with its own dataset config's limits and template.
+
+    ``splits``: the training dataset's ``{split: rows}`` (train and valid are used; None for an
+    evaluation-only job); ``test_sets``: ``{name: (rows, dataset config)}``. Returns ``(items, counts, notes)``: ``items`` has ``train``,
+    ``valid`` and ``test`` (``{name: [Encoded]}``, the first ``eval.test_examples`` rows), ``counts`` the
+    same layout of :func:`encode_counted` counts (for results.json), ``notes`` the console lines of
+    :func:`counts_note`. A set left empty is a :class:`ConfigError`, and so is a training set smaller
+    than ``train.batch_size``.
+    """
+    def one(name, rows, dcfg, key, cap=None):
+        template = cfg.teacher.template if dcfg.get("template", "auto") == "auto" else dcfg["template"]
+        items, counts = encode_counted(rows[:cap] if cap else rows, tokenizer, template,
+                                       dcfg["max_prompt_length"], dcfg["max_length"])
+        if not items:
+            raise ConfigError(f"every {name} prompt is longer than {key}.max_prompt_length="
+                              f"{dcfg['max_prompt_length']} tokens; raise {key}.max_prompt_length")
+        notes.append(counts_note(name, counts, key))
+        return items, counts
+
+    notes = []
+    items, counts = {"test": {}}, {"test": {}}
+    if splits is not None:
+        items["train"], counts["train"] = one("train", splits["train"], cfg.dataset, "dataset")
+        dropped = f", {counts['train']['dropped']} dropped" if counts["train"]["dropped"] else ""
+        check_batch_size(cfg.train.batch_size, len(items["train"]),
+                         f"{len(items['train'])} usable examples of {len(splits['train'])} rows{dropped}")
+        items["valid"], counts["valid"] = one("valid", splits["valid"], cfg.dataset, "dataset",
+                                              cfg.train.valid_examples)
+    for name, (rows, dcfg) in test_sets.items():
+        key = "dataset" if dcfg is cfg.dataset else f"eval.datasets.{name}"
+        items["test"][name], counts["test"][name] = one(f"test {name}", rows, dcfg, key, cfg.eval.test_examples)
+    return items, counts, [n for n in notes if n]
 
 
 @dataclass
