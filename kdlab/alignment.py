@@ -213,6 +213,62 @@ class CrossTokenizer:
         s_rows, t_rows = group_rows(groups, s_lengths, [len(it.response_ids) for it in items])
         return AlignedBatch(t_batch, s_rows.to(batch.input_ids.device), t_rows.to(batch.input_ids.device), groups)
 
+    @torch.no_grad()
+    def teacher_group_logits(self, teacher, aligned: AlignedBatch) -> torch.Tensor:
+        """The teacher's logits ``(G, V_t)`` at the groups' first tokens only (row ``g`` for group ``g``,
+        so ``t_rows`` becomes ``arange(G)``): its LM head runs on no other position."""
+        from kdlab.modeling import response_logits
+
+        tb = aligned.teacher_batch
+        pos = tb.response_mask.long().cumsum(1) - 1          # response index of each predicting position
+        first = torch.zeros_like(tb.response_mask)
+        for i, groups in enumerate(aligned.groups):
+            starts = torch.tensor([g.t0 for g in groups], dtype=torch.long, device=pos.device)
+            first[i] = tb.response_mask[i] & torch.isin(pos[i], starts)
+        return response_logits(teacher, tb.input_ids, tb.attention_mask, first, len(self.teacher_tok))
+
+    def distill(self, divergence, student_logits, teacher, batch) -> torch.Tensor:
+        """Mean aligned divergence of ``student_logits`` (the student's response rows of ``batch``)."""
+        aligned = self.align_batch(batch)
+        t_logits = self.teacher_group_logits(teacher, aligned)
+        rows = torch.arange(len(aligned.t_rows), device=t_logits.device)
+        return divergence(student_logits, t_logits, aligned.s_rows, rows)
+
+
+# Why a method cannot take a teacher with another tokenizer; others without Method.cross_tokenizer: not yet.
+REFUSALS = {
+    "minillm": "needs the teacher's log-probability of the student's own tokens (its reward), which a teacher "
+               "with another tokenizer does not assign",
+    "dpkd": "needs the teacher's log-probabilities of the student's own token sequences (its preference "
+            "reward), which a teacher with another tokenizer does not assign",
+    "okd": "trains a module inside the teacher through a token-level divergence over one shared vocabulary",
+    "seqkd": "does not use a divergence: it trains on the teacher's responses as token ids of one vocabulary",
+}
+
+
+def check_config(cfg) -> None:
+    """Refuse, before anything loads, what a cross-tokenizer divergence cannot do (one line each)."""
+    from kdlab.divergences import is_cross_tokenizer
+    from kdlab.methods import method_class
+
+    name, div = cfg.method.name, cfg.divergence.name
+    method = method_class(name)
+    if not is_cross_tokenizer(div) or not method.needs_teacher:
+        return
+    if not method.cross_tokenizer:
+        why = REFUSALS.get(name, "does not support a teacher with another tokenizer yet")
+        raise ConfigError(f"method={name} cannot distil across tokenizers: it {why}; use method=kd with "
+                          f"divergence={div}, or a same-tokenizer divergence (e.g. divergence=fkl) with a "
+                          f"student of the teacher's family")
+    if cfg.teacher.get("cache"):
+        raise ConfigError(f"teacher.cache holds the teacher's top-k over the student's tokens, which "
+                          f"divergence={div} does not compare (it needs the teacher's full distribution over its "
+                          f"own tokens); set teacher.cache=null")
+    if name == "kd" and cfg.method.alpha != 0.5:
+        raise ConfigError(f"method.alpha={cfg.method.alpha} does not apply with divergence={div}: its loss is "
+                          f"distill_weight * ULD + ce_weight * MLE; set divergence.ce_weight / "
+                          f"divergence.distill_weight instead (and leave method.alpha at 0.5)")
+
 
 def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Tensor]:
     """``(student_ids, teacher_ids)`` of the tokens whose strings are in both vocabularies (GOLD's

@@ -36,6 +36,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def validate_config(cfg) -> None:
     """Check every group before anything is loaded; raises :class:`ConfigError`."""
+    from kdlab.alignment import check_config as check_cross_tokenizer
     from kdlab.data import validate_dataset
     from kdlab.divergences import DIVERGENCES, validate_divergence
     from kdlab.evaluation import validate_eval
@@ -55,6 +56,7 @@ def validate_config(cfg) -> None:
     validate_logger(cfg.logger)
     validate_train(cfg.train)
     validate_eval(cfg.eval)
+    check_cross_tokenizer(cfg)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
     method = method_class(cfg.method.name)
@@ -67,7 +69,12 @@ def validate_config(cfg) -> None:
 
 
 def prompt_template(cfg) -> str:
-    return cfg.teacher.template if cfg.dataset.template == "auto" else cfg.dataset.template
+    """The student side's template: the teacher's (the two share a tokenizer), or across tokenizers
+    (divergence=uld) the student's own; the teacher then renders its own (kdlab.alignment)."""
+    from kdlab.divergences import is_cross_tokenizer
+
+    own = cfg.student if is_cross_tokenizer(cfg.divergence.name) else cfg.teacher
+    return own.template if cfg.dataset.template == "auto" else cfg.dataset.template
 
 
 def eval_dataset_cfgs(cfg) -> dict:
@@ -126,7 +133,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     from transformers import AutoModelForCausalLM
 
     from kdlab.data import encode, load_splits
-    from kdlab.divergences import build_divergence
+    from kdlab.alignment import CrossTokenizer
+    from kdlab.divergences import build_divergence, is_cross_tokenizer
     from kdlab.evaluation import analysis_table, evaluate
     from kdlab.hardware import seed_everything, setup_runtime
     from kdlab.loggers import build_logger, flatten
@@ -159,7 +167,9 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
         teacher, tokenizer = None, load_tokenizer(cfg.teacher, "teacher")
     else:
         teacher, tokenizer = load_teacher(cfg.teacher, runtime.dtype)
-    student, tokenizer = build_student(cfg.student, teacher, tokenizer, cfg.teacher.name, torch.float32)
+    teacher_tok, cross = tokenizer, is_cross_tokenizer(cfg.divergence.name)
+    student, tokenizer = build_student(cfg.student, teacher, tokenizer, cfg.teacher.name, torch.float32,
+                                       own_tokenizer=cross)
     if use_cache:
         teacher = None
     else:
@@ -181,10 +191,18 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
             raise ConfigError(f"every {name} prompt is longer than dataset.max_prompt_length="
                               f"{cfg.dataset.max_prompt_length} tokens; raise dataset.max_prompt_length")
 
+    if cross:   # the teacher is evaluated on its own tokenization and template of the test sets
+        t_test_items = {name: encode(rows[:cfg.eval.test_examples] if cfg.eval.test_examples else rows, teacher_tok,
+                                     cfg.teacher.template, cfg.dataset.max_prompt_length, cfg.dataset.max_length)
+                        for name, rows in test_sets.items()}
+
     logger = build_logger(cfg, run_dir, runtime.is_main)
-    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=build_divergence(cfg.divergence),
+    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer,
+                  divergence=build_divergence(cfg.divergence).bind(tokenizer, teacher_tok) if cross
+                  else build_divergence(cfg.divergence),
                   runtime=runtime, train_cfg=cfg.train, vocab_size=vocab,
-                  teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None)
+                  teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None,
+                  cross_tokenizer=CrossTokenizer(tokenizer, teacher_tok, cfg.teacher.template) if cross else None)
     method = build_method(cfg.method, ctx)
     train_items = method.prepare_data(train_items)
     distributed.seed_rank(cfg.seed, runtime.rank)   # after everything all ranks must build identically
@@ -194,13 +212,15 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     def evaluate_cached(name: str, model) -> None:
         """Evaluate once per job: a resumed job reuses what the interrupted one measured."""
         path = run_dir / "eval" / f"{name}.json"
-        reference = None if name == "teacher" else teacher
+        # across tokenizers the teacher-forcing analysis (one vocabulary) is skipped
+        reference = None if name == "teacher" or cross else teacher
+        tok, sets = (teacher_tok, t_test_items) if cross and name == "teacher" else (tokenizer, test_items)
         if path.exists():
             evals[name] = read_json(path)
         elif runtime.evaluates:   # rank 0 (every rank under ZeRO-3); the others wait and write nothing
-            evals[name] = {data: evaluate(model, tokenizer, items, cfg.eval, runtime, vocab, desc=f"{name}/{data}",
+            evals[name] = {data: evaluate(model, tok, items, cfg.eval, runtime, len(tok), desc=f"{name}/{data}",
                                           teacher=reference)
-                           for data, items in test_items.items()}
+                           for data, items in sets.items()}
             if runtime.is_main:
                 atomic_write_json(path, evals[name])
         distributed.barrier()
