@@ -235,6 +235,26 @@ class CrossTokenizer:
         return divergence(student_logits, t_logits, aligned.s_rows, rows)
 
 
+@torch.no_grad()
+def held_out_divergence(student, teacher, xtok: CrossTokenizer, divergence, items: list, batch_size: int = 8) -> float:
+    """Mean aligned divergence (no CE term) of ``student`` from ``teacher`` over encoded student ``items``
+    (prompts with their gold responses): the quantity cross-tokenizer KD lowers, on held-out data."""
+    from kdlab.data import collate
+    from kdlab.modeling import response_logits
+
+    total, count = 0.0, 0
+    device = next(student.parameters()).device
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i:i + batch_size], xtok.student_tok.pad_token_id).to(device)
+        s_logits = response_logits(student, batch.input_ids, batch.attention_mask, batch.response_mask,
+                                   len(xtok.student_tok))
+        aligned = xtok.align_batch(batch)
+        t_logits = xtok.teacher_group_logits(teacher, aligned)
+        vals = divergence.per_group(s_logits, t_logits, aligned.s_rows, torch.arange(len(aligned.t_rows)))
+        total, count = total + float(vals.sum()), count + vals.numel()
+    return total / max(count, 1)
+
+
 # Why a method cannot take a teacher with another tokenizer; others without Method.cross_tokenizer: not yet.
 REFUSALS = {
     "minillm": "needs the teacher's log-probability of the student's own tokens (its reward), which a teacher "
