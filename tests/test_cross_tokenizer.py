@@ -90,6 +90,7 @@ def test_kd_across_tokenizers_lowers_held_out_uld(tmp_path, divergence):
     div = build_divergence(cfg.divergence).bind(student_tok, teacher_tok)
     before = held_out_divergence(initial, teacher, xtok, div, items)
     after = held_out_divergence(trained, teacher, xtok, div, items)
+    print(f"held-out ULD: initial student {before:.4f}, trained {after:.4f}")
     assert after < before - 0.02, (before, after)
 
 
@@ -169,3 +170,39 @@ def test_methods_across_tokenizers_equal_a_per_sequence_reference(across, name):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
     assert student.get_output_embeddings().weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@needs_smollm2
+def test_against_trl_gold_uld_on_the_same_batch(shared_data):
+    """GOLD's byte-offset alignment gives kdlab's groups, and with GOLD's group merge set to kdlab's (the
+    first position's distribution) its ULD value and gradient equal kdlab's (benchmarks/gold.py)."""
+    pytest.importorskip("trl.experimental.gold")
+    from benchmarks.gold import check, make_batch, tokenizers
+
+    rows = [json.loads(line) for line in open(shared_data / "dolly" / "test.jsonl", encoding="utf-8")][:3]
+    s_tok, t_tok = tokenizers()
+    gaps = check(make_batch(s_tok, t_tok, rows, max_bytes=160, seed=0), s_tok, t_tok)
+    assert max(gaps.values()) < 1e-9
+
+
+def test_hybrid_bound_to_real_tokenizers_trains_through_kd(across):
+    from omegaconf import OmegaConf
+
+    from kdlab.data import collate
+    from kdlab.divergences.uld import ULDHybrid
+    from kdlab.methods import method_class
+    from kdlab.methods.base import Context
+
+    teacher, student, s_tok, t_tok, items, xt, _ = across
+    div = ULDHybrid(matched="fkl").bind(s_tok, t_tok)
+    s_m, t_m, s_u, t_u = div._cols
+    assert len(s_m) + len(s_u) == len(s_tok) and len(t_m) + len(t_u) == len(t_tok)
+    assert abs(div._weights[0] - len(t_m) / len(t_tok)) < 1e-12
+    cfg = OmegaConf.load(ROOT / "conf" / "method" / "kd.yaml")
+    method = method_class("kd")(cfg, Context(teacher, student, s_tok, div, None, None, len(s_tok), cross_tokenizer=xt))
+    batch = collate(items, s_tok.pad_token_id)
+    student.zero_grad()
+    out = method.loss(batch, 0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logs["distill"] > 0
+    assert student.get_output_embeddings().weight.grad.abs().sum() > 0
