@@ -56,7 +56,8 @@ class ULD:
 
     ``div(student_logits (Ns, Vs), teacher_logits (Nt, Vt), s_rows (G,), t_rows (G,))`` is the mean
     over groups (0 without any) of W1 between row ``s_rows[g]`` of the student and ``t_rows[g]`` of the
-    teacher; ``div.per_group(...)`` the unreduced ``(G,)`` values. Method loss:
+    teacher; ``div.per_group(...)`` the unreduced ``(G,)`` values. Without rows, positions are paired
+    in order up to the shorter side (the paper's own positional pairing). Method loss:
     :meth:`objective` (``distill_weight * W1 + ce_weight * CE``).
     """
 
@@ -76,7 +77,11 @@ class ULD:
     def per_group(self, student_logits, teacher_logits, s_rows, t_rows) -> torch.Tensor:
         return _SortedL1.apply(self, student_logits, teacher_logits, s_rows, t_rows, None, None)
 
-    def __call__(self, student_logits, teacher_logits, s_rows, t_rows) -> torch.Tensor:
+    def __call__(self, student_logits, teacher_logits, s_rows=None, t_rows=None) -> torch.Tensor:
+        student_logits = student_logits.reshape(-1, student_logits.shape[-1])
+        teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        if s_rows is None:
+            s_rows = t_rows = torch.arange(min(len(student_logits), len(teacher_logits)), device=student_logits.device)
         vals = self.per_group(student_logits, teacher_logits, s_rows, t_rows)
         return vals.sum() / max(vals.numel(), 1)
 
@@ -121,7 +126,11 @@ class ULDHybrid(ULD):
 
     def per_group(self, student_logits, teacher_logits, s_rows, t_rows) -> torch.Tensor:
         if self._cols is None:
-            raise RuntimeError("ULDHybrid.bind(student_tokenizer, teacher_tokenizer) must be called first")
+            if student_logits.shape[-1] != teacher_logits.shape[-1]:
+                raise RuntimeError("ULDHybrid.bind(student_tokenizer, teacher_tokenizer) must be called first")
+            # unbound, one vocabulary: every token is shared, so it is the matched divergence
+            ids = torch.arange(student_logits.shape[-1])
+            self._cols, self._weights = (ids, ids, ids[:0], ids[:0]), (1.0, 0.0)
         dev = student_logits.device
         s_m, t_m, s_u, t_u = (c.to(dev) for c in self._cols)
         w_m, w_u = self._weights
