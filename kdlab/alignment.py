@@ -262,7 +262,6 @@ REFUSALS = {
     "dpkd": "needs the teacher's log-probabilities of the student's own token sequences (its preference "
             "reward), which a teacher with another tokenizer does not assign",
     "okd": "trains a module inside the teacher through a token-level divergence over one shared vocabulary",
-    "seqkd": "does not use a divergence: it trains on the teacher's responses as token ids of one vocabulary",
 }
 
 
