@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -147,7 +148,7 @@ def align_response(student_tok, teacher_tok, s_prompt_ids: list[int], s_response
     full = teacher_tok.encode(teacher_prompt + text, add_special_tokens=False)
     t_response = full[len(t_prompt_ids):]
     text_bytes = text.encode("utf-8")
-    s_ends = list(torch.tensor([len(s_table[i]) for i in body], dtype=torch.long).cumsum(0).tolist()) if body else []
+    s_ends = list(accumulate(len(s_table[i]) for i in body))
     t_ends = response_byte_ends(t_table, full, len(t_prompt_ids), len(text_bytes))
     groups = align(s_ends, t_ends, limit=common_prefix(s_bytes, text_bytes))
     complete = bool(groups) and groups[-1].b1 == len(s_bytes) == len(text_bytes) or not body

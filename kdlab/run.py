@@ -73,7 +73,8 @@ def prompt_template(cfg) -> str:
     (divergence=uld) the student's own; the teacher then renders its own (kdlab.alignment)."""
     from kdlab.divergences import is_cross_tokenizer
 
-    own = cfg.student if is_cross_tokenizer(cfg.divergence.name) else cfg.teacher
+    cross = "divergence" in cfg and is_cross_tokenizer(cfg.divergence.name)   # kdlab.cache_teacher has none
+    own = cfg.student if cross else cfg.teacher
     return own.template if cfg.dataset.template == "auto" else cfg.dataset.template
 
 
