@@ -27,7 +27,8 @@ class KD(Method):
         student = self.logits(self.student, batch)
         if self.ctx.cross_tokenizer is not None:
             distill, nll = self.aligned_distill(student, batch), self.nll(student, batch)
-            return LossOutput(self.ctx.divergence.objective(distill, nll), {"distill": distill.item(), "nll": nll.item()})
+            loss = self.ctx.divergence.objective(distill, nll)
+            return LossOutput(loss, {"distill": distill.item(), "nll": nll.item()})
         teacher = self.teacher_targets(batch)
         distill = self.ctx.divergence(student, teacher)
         nll = self.nll(student, batch)
