@@ -197,10 +197,11 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
                                      cfg.teacher.template, cfg.dataset.max_prompt_length, cfg.dataset.max_length)
                         for name, rows in test_sets.items()}
 
+    divergence = build_divergence(cfg.divergence)
+    if cross:   # the hybrid maps the tokens the two vocabularies share
+        divergence = divergence.bind(tokenizer, teacher_tok)
     logger = build_logger(cfg, run_dir, runtime.is_main)
-    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer,
-                  divergence=build_divergence(cfg.divergence).bind(tokenizer, teacher_tok) if cross
-                  else build_divergence(cfg.divergence),
+    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=divergence,
                   runtime=runtime, train_cfg=cfg.train, vocab_size=vocab,
                   teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None,
                   cross_tokenizer=CrossTokenizer(tokenizer, teacher_tok, cfg.teacher.template) if cross else None)
