@@ -300,7 +300,8 @@ def check_vocabularies(teacher_tok, student_tok, teacher_name: str, student_name
         raise ConfigError(
             f"teacher={teacher_name} ({len(teacher_tok)} tokens) and student={student_name} "
             f"({len(student_tok)} tokens) use different tokenizers; token-level distillation needs one "
-            f"vocabulary: pick a student of the teacher's family (e.g. teacher=gpt2-xl with student=gpt2-base)")
+            f"vocabulary: pick a student of the teacher's family (e.g. teacher=gpt2-xl with student=gpt2-base), "
+            f"or distil across tokenizers with divergence=uld")
     return len(teacher_tok)
 
 

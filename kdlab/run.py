@@ -36,6 +36,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def validate_config(cfg) -> None:
     """Check every group before anything is loaded; raises :class:`ConfigError`."""
+    from kdlab.alignment import check_config as check_cross_tokenizer
     from kdlab.data import validate_dataset
     from kdlab.divergences import DIVERGENCES, validate_divergence
     from kdlab.evaluation import validate_eval
@@ -56,6 +57,7 @@ def validate_config(cfg) -> None:
     validate_train(cfg.train)
     validate_eval(cfg.eval)
     eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
+    check_cross_tokenizer(cfg)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
     method = method_class(cfg.method.name)
@@ -68,7 +70,13 @@ def validate_config(cfg) -> None:
 
 
 def prompt_template(cfg) -> str:
-    return cfg.teacher.template if cfg.dataset.template == "auto" else cfg.dataset.template
+    """The student side's template: the teacher's (the two share a tokenizer), or across tokenizers
+    (divergence=uld) the student's own; the teacher then renders its own (kdlab.alignment)."""
+    from kdlab.divergences import is_cross_tokenizer
+
+    cross = "divergence" in cfg and is_cross_tokenizer(cfg.divergence.name)   # kdlab.cache_teacher has none
+    own = cfg.student if cross else cfg.teacher
+    return own.template if cfg.dataset.template == "auto" else cfg.dataset.template
 
 
 def eval_dataset_cfgs(cfg) -> dict:
@@ -119,8 +127,9 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     line minus seed, method, student, ...) goes into results.json, where ``kdlab.report`` tells configurations apart by it."""
     from transformers import AutoModelForCausalLM
 
+    from kdlab.alignment import CrossTokenizer
     from kdlab.data import check_batch_size, encode_sets, load_splits, load_test_sets
-    from kdlab.divergences import build_divergence
+    from kdlab.divergences import build_divergence, is_cross_tokenizer
     from kdlab.evaluation import analysis_table, evaluate
     from kdlab.hardware import seed_everything, setup_runtime
     from kdlab.loggers import build_logger, flatten
@@ -155,7 +164,9 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
         teacher, tokenizer = None, load_tokenizer(cfg.teacher, "teacher")
     else:
         teacher, tokenizer = load_teacher(cfg.teacher, runtime.dtype)
-    student, tokenizer = build_student(cfg.student, teacher, tokenizer, cfg.teacher.name, torch.float32)
+    teacher_tok, cross = tokenizer, is_cross_tokenizer(cfg.divergence.name)
+    student, tokenizer = build_student(cfg.student, teacher, tokenizer, cfg.teacher.name, torch.float32,
+                                       own_tokenizer=cross)
     if use_cache:
         teacher = None
     else:
@@ -166,17 +177,28 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     student.to(runtime.device)
     vocab = len(tokenizer)
 
-    items, data_counts, notes = encode_sets(cfg, tokenizer, splits, test_sets)   # each set with its own limits
+    # each set with its own limits; across tokenizers the student side renders the student's template
+    items, data_counts, notes = encode_sets(cfg, tokenizer, splits, test_sets,
+                                           (cfg.student if cross else cfg.teacher).template)
     train_items, valid_items, test_items = items["train"], items["valid"], items["test"]
     if runtime.is_main and notes:
         print("\n".join(notes))
+    if cross:   # the teacher is fine-tuned and evaluated on its own tokenization and template
+        teacher_items = encode_sets(cfg, teacher_tok, splits if cfg.teacher.get("finetune") else None, test_sets,
+                                    cfg.teacher.template)[0]
+        t_test_items = teacher_items["test"]
     if teacher is not None and cfg.teacher.get("finetune"):   # the student above was cut from the loaded teacher
-        teacher = finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items)
+        teacher = finetuned_teacher(cfg, runtime, teacher, teacher_tok,
+                                    teacher_items["train"] if cross else train_items)
 
+    divergence = build_divergence(cfg.divergence)
+    if cross:   # the hybrid maps the tokens the two vocabularies share
+        divergence = divergence.bind(tokenizer, teacher_tok)
     logger = build_logger(cfg, run_dir, runtime.is_main)
-    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=build_divergence(cfg.divergence),
+    ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=divergence,
                   runtime=runtime, train_cfg=cfg.train, vocab_size=vocab,
-                  teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None)
+                  teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None,
+                  cross_tokenizer=CrossTokenizer(tokenizer, teacher_tok, cfg.teacher.template) if cross else None)
     method = build_method(cfg.method, ctx)
     train_items = method.prepare_data(train_items)
     distributed.seed_rank(cfg.seed, runtime.rank)   # after everything all ranks must build identically
@@ -186,13 +208,15 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     def evaluate_cached(name: str, model) -> None:
         """Evaluate once per job: a resumed job reuses what the interrupted one measured."""
         path = run_dir / "eval" / f"{name}.json"
-        reference = None if name == "teacher" else teacher
+        # across tokenizers the teacher-forcing analysis (one vocabulary) is skipped
+        reference = None if name == "teacher" or cross else teacher
+        tok, sets = (teacher_tok, t_test_items) if cross and name == "teacher" else (tokenizer, test_items)
         if path.exists():
             evals[name] = read_json(path)
         elif runtime.evaluates:   # rank 0 (every rank under ZeRO-3); the others wait and write nothing
-            evals[name] = {data: evaluate(model, tokenizer, items, cfg.eval, runtime, vocab, desc=f"{name}/{data}",
+            evals[name] = {data: evaluate(model, tok, items, cfg.eval, runtime, len(tok), desc=f"{name}/{data}",
                                           teacher=reference)
-                           for data, items in test_items.items()}
+                           for data, items in sets.items()}
             if runtime.is_main:
                 atomic_write_json(path, evals[name])
         distributed.barrier()

@@ -64,10 +64,15 @@ def student_from_teacher_layers(teacher: nn.Module, num_layers: int) -> nn.Modul
     return student
 
 
-def build_student(cfg, teacher: nn.Module, teacher_tokenizer, teacher_name: str, dtype: torch.dtype):
-    """Return ``(model, tokenizer)`` for training; the tokenizer must be the teacher's."""
+def build_student(cfg, teacher: nn.Module, teacher_tokenizer, teacher_name: str, dtype: torch.dtype,
+                  own_tokenizer: bool = False):
+    """Return ``(model, tokenizer)`` for training; the tokenizer must be the teacher's unless
+    ``own_tokenizer`` (a cross-tokenizer divergence, ``divergence=uld``): then it is the student's own."""
     if cfg.init == "teacher_layers":
         return student_from_teacher_layers(teacher, cfg.num_layers).train(), teacher_tokenizer
+    if own_tokenizer:
+        tokenizer = load_tokenizer(cfg, "student")
+        return load_model(cfg, "student", dtype, vocab_size=len(tokenizer)).train(), tokenizer
     tokenizer = teacher_tokenizer if source_kind(cfg) == "random" else load_tokenizer(cfg, "student")
     check_vocabularies(teacher_tokenizer, tokenizer, teacher_name, cfg.name)
     model = load_model(cfg, "student", dtype, vocab_size=len(teacher_tokenizer))

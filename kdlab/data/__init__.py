@@ -89,8 +89,10 @@ def check_batch_size(batch_size: int, usable: int, what: str) -> None:
                           f"train.batch_size to at most {usable} or add training data")
 
 
-def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict) -> tuple[dict, dict, list[str]]:
-    """Encode a job's sets, each with its own dataset config's limits and template.
+def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict,
+                auto_template: str | None = None) -> tuple[dict, dict, list[str]]:
+    """Encode a job's sets, each with its own dataset config's limits and template (``auto``: the
+    ``auto_template``, by default the teacher's; across tokenizers each side renders its own).
 
     ``splits``: the training dataset's ``{split: rows}`` (train and valid are used; None for an
     evaluation-only job); ``test_sets``: ``{name: (rows, dataset config)}``. Returns ``(items, counts, notes)``: ``items`` has ``train``,
@@ -100,7 +102,7 @@ def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict) -> tuple[d
     than ``train.batch_size``.
     """
     def one(name, rows, dcfg, key, cap=None):
-        template = cfg.teacher.template if dcfg.get("template", "auto") == "auto" else dcfg["template"]
+        template = (auto_template or cfg.teacher.template) if dcfg.get("template", "auto") == "auto" else dcfg["template"]
         items, counts = encode_counted(rows[:cap] if cap else rows, tokenizer, template,
                                        dcfg["max_prompt_length"], dcfg["max_length"])
         if not items:

@@ -21,10 +21,12 @@ from kdlab.divergences.losses import (
     SkewReverseKL,
     TotalVariation,
 )
+from kdlab.divergences.uld import ULD, ULDHybrid
 
-DIVERGENCES: dict[str, type[Divergence]] = {
+DIVERGENCES: dict[str, type] = {
     cls.name: cls
-    for cls in (ForwardKL, ReverseKL, GeneralizedJSD, TotalVariation, SkewForwardKL, SkewReverseKL, AdaptiveKL)
+    for cls in (ForwardKL, ReverseKL, GeneralizedJSD, TotalVariation, SkewForwardKL, SkewReverseKL, AdaptiveKL,
+                ULD, ULDHybrid)   # uld*: across tokenizers, over aligned groups (kdlab.divergences.uld)
 }
 SCHEMA: dict[str, dict] = {name: cls.SCHEMA for name, cls in DIVERGENCES.items()}
 
@@ -47,6 +49,10 @@ def validate_divergence(cfg: Any) -> dict:
     return section
 
 
+def is_cross_tokenizer(name: str) -> bool:
+    return getattr(DIVERGENCES.get(name), "cross_tokenizer", False)
+
+
 def build_divergence(cfg: Any) -> Divergence:
     """The :class:`Divergence` named by ``cfg.name`` with the config's parameters (others default)."""
     section = validate_divergence(cfg)
@@ -54,5 +60,5 @@ def build_divergence(cfg: Any) -> Divergence:
     return DIVERGENCES[section["name"]](**params)
 
 
-__all__ = ["DIVERGENCES", "SCHEMA", "Divergence", "TopKLogProbs", "build_divergence", "topk_logprobs",
-           "validate_divergence"]
+__all__ = ["DIVERGENCES", "SCHEMA", "Divergence", "TopKLogProbs", "build_divergence", "is_cross_tokenizer",
+           "topk_logprobs", "validate_divergence"]

@@ -56,6 +56,7 @@ class Context:
     train_cfg: object
     vocab_size: int
     teacher_cache: object = None        # a kdlab.teacher_cache.TeacherCache when teacher.cache is set
+    cross_tokenizer: object = None      # a kdlab.alignment.CrossTokenizer when the divergence is (divergence=uld)
 
 
 class Method:
@@ -64,6 +65,8 @@ class Method:
     needs_teacher: ClassVar[bool] = True
     # True: the loss reads the teacher only through teacher_targets, so a cached teacher can stand in
     uses_teacher_cache: ClassVar[bool] = False
+    # True: the loss reads the teacher only through aligned_distill when the divergence is cross-tokenizer
+    cross_tokenizer: ClassVar[bool] = False
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
@@ -116,6 +119,11 @@ class Method:
         if self.ctx.teacher_cache is not None:
             return self.ctx.teacher_cache.lookup(batch)
         return self.teacher_logits(batch)
+
+    def aligned_distill(self, student_logits: torch.Tensor, batch) -> torch.Tensor:
+        """Across tokenizers: the divergence over the aligned groups of ``batch`` re-tokenised for the
+        teacher (:mod:`kdlab.alignment`), from the student's response logits."""
+        return self.ctx.cross_tokenizer.distill(self.ctx.divergence, student_logits, self.teacher, batch)
 
     @staticmethod
     def nll(logits: torch.Tensor, batch) -> torch.Tensor:

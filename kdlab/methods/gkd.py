@@ -52,14 +52,19 @@ def response_divergence(divergence, student_logits, teacher, response_mask, norm
 class GKD(Method):
     name = "gkd"
     schema = {**Method.schema, "lmbda": Range(0, 1), **NORMALIZE_SCHEMA, **SAMPLING_SCHEMA}
+    cross_tokenizer = True
 
     def loss(self, batch, step):
         on_policy = bool(torch.rand(()) < self.cfg.lmbda)
         if on_policy:
             batch = sample_student(self.student, self.ctx.tokenizer, batch, self.cfg)
         student = self.logits(self.student, batch)
-        teacher = self.teacher_logits(batch)
-        distill = response_divergence(self.ctx.divergence, student, teacher, batch.response_mask, self.cfg.normalize)
+        if self.ctx.cross_tokenizer is not None:   # divergence=uld: the samples are re-tokenised for the teacher
+            distill = self.ctx.divergence.objective(self.aligned_distill(student, batch), None)
+        else:
+            teacher = self.teacher_logits(batch)
+            distill = response_divergence(self.ctx.divergence, student, teacher, batch.response_mask,
+                                          self.cfg.normalize)
         return LossOutput(distill, {"distill": distill.item(), "on_policy": float(on_policy),
                                     "response_tokens": float(batch.response_mask.sum())})
 

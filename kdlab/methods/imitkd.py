@@ -36,6 +36,7 @@ class ImitKD(Method):
     name = "imitkd"
     schema = {**Method.schema, "schedule": OneOf("exponential", "linear"), "exp_base": Range(1, low_open=True),
               "decay_steps": Range(1, integer=True, optional=True), **SAMPLING_SCHEMA}
+    cross_tokenizer = True
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -73,8 +74,11 @@ class ImitKD(Method):
         if from_student.any():
             batch = self.mixed_batch(batch, from_student)
         student = self.logits(self.student, batch)
-        teacher = self.teacher_logits(batch)
-        distill = self.ctx.divergence(student, teacher)
+        if self.ctx.cross_tokenizer is not None:   # divergence=uld: the samples are re-tokenised for the teacher
+            distill = self.ctx.divergence.objective(self.aligned_distill(student, batch), None)
+        else:
+            teacher = self.teacher_logits(batch)
+            distill = self.ctx.divergence(student, teacher)
         return LossOutput(distill, {"distill": distill.item(), "beta": beta,
                                     "student_fraction": from_student.float().mean().item(),
                                     "response_tokens": float(batch.response_mask.sum())})

@@ -6,6 +6,10 @@ averaged over response tokens, where D is the ``divergence`` group (fkl, rkl, js
 akl), so ``method=kd divergence=rkl`` is the seed papers' "Reverse KD". The teacher runs once per
 micro-batch without gradients, and both models' LM heads run only at response positions. With
 ``teacher.cache`` the teacher is not run: its top-k log-probs are read from the cache (sparse teacher).
+
+Across tokenizers (``divergence=uld`` / ``uld_hybrid``): D is taken over the aligned groups of the
+response re-tokenised for the teacher (:mod:`kdlab.alignment`) and the loss is ULD's own weighting
+(Boizard et al. 2024, Eq. 3), ``distill_weight * ULD + ce_weight * MLE``, in place of alpha.
 """
 from __future__ import annotations
 
@@ -17,9 +21,14 @@ class KD(Method):
     name = "kd"
     schema = {**Method.schema, "alpha": Range(0, 1)}
     uses_teacher_cache = True
+    cross_tokenizer = True
 
     def loss(self, batch, step):
         student = self.logits(self.student, batch)
+        if self.ctx.cross_tokenizer is not None:
+            distill, nll = self.aligned_distill(student, batch), self.nll(student, batch)
+            loss = self.ctx.divergence.objective(distill, nll)
+            return LossOutput(loss, {"distill": distill.item(), "nll": nll.item()})
         teacher = self.teacher_targets(batch)
         distill = self.ctx.divergence(student, teacher)
         nll = self.nll(student, batch)

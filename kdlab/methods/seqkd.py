@@ -19,6 +19,11 @@ line per distinct prompt, next to a ``manifest.json``), where the hash covers th
 compute dtype, ``dataset.max_length``, the generation settings (not the batch size) and the prompts'
 token ids (so dataset, template and tokenizer). The folder is written under a temporary name and
 renamed, so a crashed job leaves no partial cache; later jobs and seeds with the same key reuse it.
+
+Across tokenizers (``divergence=uld`` selects the student's own tokenizer; no divergence is used): the
+teacher generates from its own rendering of each prompt (its template and tokens) and its response,
+as text, is re-encoded with the student's tokenizer after the student's prompt, ending with the
+student's EOS exactly when the teacher stopped (kdlab.alignment); the cache stores the student's tokens.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdlab.alignment import token_bytes
 from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, Range, Type, check_section, plain
 from kdlab.data import Encoded, left_pad
@@ -55,6 +61,7 @@ class SeqKD(Method):
         "dtype": Type(str),
         "max_length": Range(1, integer=True),
     }
+    cross_tokenizer = True
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -74,7 +81,7 @@ class SeqKD(Method):
         gen = {k: v for k, v in plain(self.cfg.generation).items() if k != "batch_size"}
         teacher = {k: v for k, v in plain(self.cfg.teacher).items() if k != "cache"}
         key = {"teacher": teacher, "dtype": self.cfg.dtype, "max_length": self.cfg.max_length, "generation": gen,
-               "eos": self.ctx.tokenizer.eos_token_id,
+               "eos": self.ctx.tokenizer.eos_token_id, "cross_tokenizer": self.ctx.cross_tokenizer is not None,
                "prompts": hashlib.sha1(json.dumps(prompts).encode()).hexdigest()}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return Path(self.cfg.cache_dir).expanduser() / f"{teacher['name']}-{digest}"
@@ -92,7 +99,8 @@ class SeqKD(Method):
         if gather_objects(path.exists())[0]:
             print(f"kdlab: seqkd: reusing the teacher's responses in {path}")
         else:
-            responses = self.generate_responses(prompts)
+            responses = (self.generate_responses(prompts) if self.ctx.cross_tokenizer is None
+                         else self.responses_across_tokenizers(train_items))
             if self.ctx.runtime.is_main:
                 self.write_cache(folder, responses)
                 print(f"kdlab: seqkd: wrote the teacher's responses to {path}")
@@ -113,9 +121,32 @@ class SeqKD(Method):
                  "dtype": self.cfg.dtype, "max_length": self.cfg.max_length, "prompts": len(responses)},
                 indent=2) + "\n")
 
-    def generate_responses(self, prompts: list[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
-        g, tok, runtime = self.cfg.generation, self.ctx.tokenizer, self.ctx.runtime
-        limit = self.cfg.max_length
+    def responses_across_tokenizers(self, train_items: list) -> dict[tuple[int, ...], list[int]]:
+        """Student prompt -> the teacher's response to its own rendering of the prompt, in student tokens."""
+        xt = self.ctx.cross_tokenizer
+        s_tok, t_tok = xt.student_tok, xt.teacher_tok
+        by_prompt = {tuple(it.prompt_ids): it for it in train_items}
+        t_prompts = {p: tuple(t_tok.encode(xt.teacher_prompt(it.example), add_special_tokens=False))
+                     for p, it in by_prompt.items()}
+        # the teacher gets max_new_tokens of its own; the cut to max_length is made in student tokens below
+        room = max(len(t) for t in t_prompts.values()) + self.cfg.generation.max_new_tokens
+        generated = self.generate_responses(list(dict.fromkeys(t_prompts.values())), t_tok, limit=room)
+        t_bytes = token_bytes(t_tok)
+        out = {}
+        for p, tp in t_prompts.items():
+            resp = generated[tp]
+            ended = bool(resp) and resp[-1] == t_tok.eos_token_id
+            text = b"".join(t_bytes[i] for i in (resp[:-1] if ended else resp)).decode("utf-8", errors="replace")
+            prompt_text = s_tok.decode(list(p))
+            ids = s_tok.encode(prompt_text + text, add_special_tokens=False)[len(p):]
+            out[p] = (ids + [s_tok.eos_token_id] * ended)[: self.cfg.max_length - len(p)]
+        return out
+
+    def generate_responses(self, prompts: list[tuple[int, ...]], tok=None, limit: int | None = None
+                           ) -> dict[tuple[int, ...], list[int]]:
+        g, runtime = self.cfg.generation, self.ctx.runtime
+        tok = tok or self.ctx.tokenizer
+        limit = limit or self.cfg.max_length
         order = sorted(prompts, key=len)    # similar lengths share a batch: less padding
         out = {}
         for i, start in enumerate(tqdm(range(0, len(order), g.batch_size), desc="seqkd: teacher generates")):
