@@ -56,6 +56,10 @@ def hold(run_dir: Path, locks: bool = True):
         except BlockingIOError:
             raise RunFolderBusy(f"{run_dir} is in use by another job ({holder(fd)}); wait for it to end, or "
                                 f"pass hydra.run.dir=<another folder>") from None
+        except OSError as err:   # ENOLCK, ENOSYS, EOPNOTSUPP: a file system mounted without flock
+            raise ConfigError(f"cannot lock {run_dir / LOCK_NAME} ({err.strerror}): its file system does not "
+                              f"support flock (see docs/SLURM.md, Run-folder lock); pass hydra.run.dir=<a folder "
+                              f"on one that does>") from None
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since}) + "\n"
         os.ftruncate(fd, 0)

@@ -254,3 +254,13 @@ def test_only_rank_0_of_a_distributed_job_takes_the_lock(tmp_path, monkeypatch):
         assert runlock.main_process()
     with runlock.hold(tmp_path):   # released at the end of the block
         pass
+
+
+def test_a_file_system_without_flock_is_one_line(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with pytest.raises(runlock.ConfigError, match="does not support flock"):
+        with runlock.hold(tmp_path):
+            pass
