@@ -4,7 +4,12 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding ``params.safetenso
 parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states, data
 position, method state; tensors and plain containers only, loaded with ``weights_only=True``). It is
 written under a temporary name and renamed, then ``checkpoints/LAST`` is atomically repointed, and only
-then are older checkpoints removed: a crash at any moment leaves the previous checkpoint usable.
+then are older checkpoints removed: a crash at any moment leaves the previous checkpoint usable. The
+newest :data:`KEEP` checkpoints are kept, so that a latest one that does not load (a truncated file, a
+``LAST`` naming a missing folder) leaves an older one to resume from (:func:`load_checkpoint`).
+
+Everything published here gets the permissions of an ordinary file or folder under the process's umask
+(``mkstemp``/``mkdtemp`` and safetensors create owner-only files; run folders are shared by teams).
 """
 from __future__ import annotations
 
@@ -12,11 +17,35 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+KEEP = 2   # checkpoints kept: the newest, and one to fall back on when it does not load
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` sets it, and a
+    thread creating a file meanwhile would get the temporary value)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode ``open``/``mkdir`` would have given."""
+    mask = umask()
+    paths = [Path(path)]
+    if paths[0].is_dir():
+        paths += list(paths[0].rglob("*"))
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,11 +61,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:   # a full disk (ENOSPC) or a kill: the previous file stays, no temporary is left
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -58,9 +93,9 @@ def atomic_dir(target: Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; published folders (models, caches) are shared
     try:
         yield tmp
+        publish_mode(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -79,7 +114,9 @@ def recover_dir(target: Path) -> None:
         os.replace(old, target)
 
 
-def save_checkpoint(root: Path, step: int, params: dict[str, list[torch.Tensor]], state: dict, keep: int = 1) -> Path:
+def save_checkpoint(root: Path, step: int, params: dict[str, list[torch.Tensor]], state: dict, keep: int = KEEP) -> Path:
+    """Write ``step-<step>``, point ``LAST`` at it, then keep the newest ``keep`` checkpoints. Folders of
+    later steps are a trajectory this job abandoned (it resumed from an earlier one) and go first."""
     root = Path(root)
     name = f"step-{step:07d}"
     with atomic_dir(root / name) as tmp:
@@ -87,19 +124,44 @@ def save_checkpoint(root: Path, step: int, params: dict[str, list[torch.Tensor]]
         save_file(flat, tmp / "params.safetensors")
         torch.save(state, tmp / "state.pt")
     atomic_write_text(root / "LAST", name + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    kept = [p for p in sorted(root.glob("step-*")) if p.name <= name]
+    for old in set(root.glob("step-*")) - set(kept[-keep:]):
+        shutil.rmtree(old, ignore_errors=True)
     return root / name
 
 
-def load_checkpoint(root: Path):
-    """Return ``(flat_params, state)`` of the last complete checkpoint, or ``None``."""
-    pointer = Path(root) / "LAST"
-    if not pointer.exists():
-        return None
-    folder = Path(root) / pointer.read_text().strip()
-    return load_file(folder / "params.safetensors"), torch.load(folder / "state.pt", weights_only=True)
+def load_checkpoint(root: Path, say=lambda line: print(line, file=sys.stderr)):
+    """Return ``(flat_params, state)`` of the newest checkpoint that loads, or ``None``.
+
+    ``LAST`` names the one to resume from; when it is missing, unreadable, or names a folder that does
+    not load (a kill or a full disk mid-write, a damaged file), the other ``step-*`` folders are tried,
+    newest first, and ``say`` gets one line naming the one used. A file damaged but still well-formed
+    (a flipped bit in a tensor) is not detected.
+    """
+    root = Path(root)
+    pointer = root / "LAST"
+    named = None
+    if pointer.exists():
+        named = pointer.read_text(errors="replace").strip()
+    folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if named and (root / named).is_dir() and "/" not in named:
+        folders.remove(root / named)
+        folders.insert(0, root / named)
+    problems = [] if named or not folders else ["checkpoints/LAST is missing"]
+    if named and not (root / named).is_dir():
+        problems.append(f"checkpoints/LAST names {named[:60]!r}, which is not a checkpoint folder")
+    for folder in folders:
+        try:
+            loaded = load_file(folder / "params.safetensors"), torch.load(folder / "state.pt", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever a damaged file raises, the checkpoint is unusable
+            problems.append(f"{folder.name} does not load ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})")
+            continue
+        if problems:
+            say(f"kdlab: {'; '.join(problems)}: resuming from {folder}")
+        return loaded
+    if problems:
+        say(f"kdlab: {'; '.join(problems)}: no checkpoint in {root} loads, training starts from step 0")
+    return None
 
 
 def restore_params(params: dict[str, list[torch.Tensor]], flat: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab.checkpoint import atomic_write_text
 from kdlab.config import ConfigError, OneOf, Type, check_section
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,12 @@ def _numeric(metrics: dict) -> dict[str, float]:
 
 
 def _rewrite_keeping(path: Path, keep) -> None:
-    """Rewrite ``path`` with the lines for which ``keep(line)`` holds; atomic via temp file + replace."""
+    """Rewrite ``path`` with the lines for which ``keep(line)`` holds (atomically)."""
     if not path.exists():
         return
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if keep(line)]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines))
 
 
 class JsonlSink:

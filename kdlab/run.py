@@ -7,6 +7,7 @@ as it is.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import sys
@@ -17,10 +18,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from kdlab import distributed
+from kdlab import distributed, runlock
 from kdlab.checkpoint import atomic_write_json, atomic_write_text, read_json
 from kdlab.config import ConfigError
 from kdlab.modeling import ModelUnavailable
+from kdlab.preemption import Stopped
 
 
 def _dirname(overrides: str) -> str:
@@ -99,13 +101,17 @@ def run(cfg) -> dict:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
     validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    check_same_job(cfg, run_dir)
-    results_path = run_dir / "results.json"
-    if results_path.exists() and read_json(results_path)["run"].get("status") == "completed":
-        results = read_json(results_path)
-        print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{format_table(results['eval'])}")
-        return results
-    return train_and_evaluate(cfg, run_dir, HydraConfig.get().job.override_dirname)
+    # the lock before anything of kdlab's is written into the folder (Hydra's .hydra/ and log are already there)
+    with runlock.hold(run_dir, locks=runlock.main_process()):
+        if runlock.main_process():
+            runlock.remove_leftovers(run_dir)
+        check_same_job(cfg, run_dir)
+        results_path = run_dir / "results.json"
+        if results_path.exists() and read_json(results_path)["run"].get("status") == "completed":
+            results = read_json(results_path)
+            print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{format_table(results['eval'])}")
+            return results
+        return train_and_evaluate(cfg, run_dir, HydraConfig.get().job.override_dirname)
 
 
 def check_same_job(cfg, run_dir: Path) -> None:
@@ -287,14 +293,30 @@ def refuse_null_groups(argv: list[str]) -> None:
 
 
 def cli(job, config_name: str) -> None:
-    """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere, and a
-    bad config or an unavailable model ends the process with one line and exit status 2."""
+    """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere; a bad
+    config, an unavailable model, a busy run folder or a full disk end the process with one line and exit
+    status 2, a stop on SIGTERM/SIGUSR1/SIGUSR2 (checkpoint written) with 128 + the signal's number, and
+    Ctrl-C with one line and 130."""
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def main(cfg) -> None:
         try:
             job(cfg)
         except (ConfigError, ModelUnavailable) as err:
             print(f"kdlab: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except Stopped as stop:
+            print(f"kdlab: {stop}", file=sys.stderr)
+            stop.chain()   # under submitit, its own handler of that signal (requeue on its USR2) runs now
+            sys.exit(128 + stop.signum)
+        except KeyboardInterrupt:
+            print("kdlab: interrupted (Ctrl-C); run the same command again to resume from the last checkpoint",
+                  file=sys.stderr)
+            sys.exit(130)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"kdlab: error: {err.strerror} writing {err.filename or 'a file'}; the files written before "
+                  f"are intact: free space and run the same command again to resume", file=sys.stderr)
             sys.exit(2)
 
     multirun_flag_first()

@@ -6,7 +6,10 @@ validated (greedy ROUGE-L and loss on the validation split) and the best one by 
 ``student_best/``; an earlier phase that keeps its best student (MiniLLM's SFT) is validated by loss
 only, and the next phase starts from its lowest-loss student (``phase<i>_best/``). Every
 ``save_every`` steps a resumable checkpoint is written. Running the same job again in the same folder
-resumes from the last checkpoint and reproduces the uninterrupted run.
+resumes from the newest checkpoint that loads and reproduces the uninterrupted run; the metrics logged
+after it (or all of them, when there is none) are dropped first, so no step is logged twice. SIGTERM,
+SIGUSR1 and SIGUSR2 end training at the next step boundary with a checkpoint of that step
+(``kdlab.preemption``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 from kdlab.checkpoint import atomic_dir, load_checkpoint, recover_dir, restore_params, save_checkpoint
 from kdlab.data import batches
 from kdlab import distributed
+from kdlab.checkpoint import KEEP
+from kdlab.preemption import StopSignals
 from kdlab.evaluation import evaluate, test_loss
 from kdlab.modeling import sparse_tied_embedding_grad
 
@@ -91,6 +96,7 @@ class Trainer:
         self.best_rouge = -math.inf
         self.phase_best_loss = math.inf   # of the running phase, when it keeps its best (Phase.keep_best_valid_loss)
         self.zero = None    # distributed.ZeroStudent owning the "student" group under hardware=zero2/zero3
+        self.signals = StopSignals()   # active during fit
         if runtime.strategy in ("none", "ddp"):   # DeepSpeed's ZeRO hooks expect dense gradients
             sparse_tied_embedding_grad(method.student)
         if cfg.train.batch_size % (runtime.world_size * cfg.train.grad_accum):
@@ -187,10 +193,11 @@ class Trainer:
         state = self.checkpoint_state(index, step, position, method)
         if self.runtime.is_main:
             save_checkpoint(self.ckpt_dir, offset + step, self.params(), state)
-            if self.zero is not None:
-                for old in (self.ckpt_dir / "deepspeed").iterdir():
-                    if old.is_dir() and old.name != self.zero_tag(index, step):
-                        shutil.rmtree(old, ignore_errors=True)
+            if self.zero is not None:   # the tags of the checkpoints kept (names sort by phase, then step)
+                tags = sorted(p for p in (self.ckpt_dir / "deepspeed").iterdir() if p.is_dir())
+                kept = tags[:tags.index(self.ckpt_dir / "deepspeed" / self.zero_tag(index, step)) + 1][-KEEP:]
+                for old in set(tags) - set(kept):
+                    shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     # -- validation --------------------------------------------------------------------------------
@@ -250,20 +257,23 @@ class Trainer:
             for index in range(len(self.method.phases())):
                 recover_dir(self.phase_best_dir(index))
         resume = load_checkpoint(self.ckpt_dir)
+        if resume is None:
+            self.logger.truncate_after(0)   # a job killed before its first checkpoint logged steps it redoes
         start_phase = resume[1]["phase"] if resume else 0
         global_offset = 0
         phases = self.method.phases()
         t_start = time.time()
         elapsed = resume[1].get("elapsed_s", 0.0) if resume else 0.0
         self.elapsed = lambda: elapsed + time.time() - t_start
-        for index, phase in enumerate(phases):
-            total = self.steps_for(phase)
-            if index < start_phase:
+        with self.signals:
+            for index, phase in enumerate(phases):
+                total = self.steps_for(phase)
+                if index < start_phase:
+                    global_offset += total
+                    continue
+                self.run_phase(index, phase, total, global_offset, resume if index == start_phase else None,
+                               validates=index == len(phases) - 1)
                 global_offset += total
-                continue
-            self.run_phase(index, phase, total, global_offset, resume if index == start_phase else None,
-                           validates=index == len(phases) - 1)
-            global_offset += total
         return {"train_time_s": self.elapsed()}
 
     def run_phase(self, index, phase, total, offset, resume, validates: bool) -> None:
@@ -330,8 +340,12 @@ class Trainer:
                 metrics.update(self.validate_phase_loss(index, phase.name))
             if metrics:
                 self.logger.log(metrics, step=offset + step)
-            if tc.save_every and (step % tc.save_every == 0 or step == total):
+            signum = self.signals.requested(self.runtime.device)
+            if signum or tc.save_every and (step % tc.save_every == 0 or step == total):
                 self.save(index, step, offset, position, method)
+            if signum:
+                bar.close()
+                raise self.signals.stop(signum, offset + step)
         bar.close()
         if keeps_best:
             self.restore_phase_best(index)
