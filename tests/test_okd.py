@@ -350,3 +350,32 @@ def test_an_explicit_c_attn_target_adapts_the_whole_fused_projection():
     method = build("gpt2", target_modules=["c_attn"])
     layer = method.teacher.transformer.h[0].attn.c_attn
     assert layer.lora_B["default"].weight.shape == (3 * 32, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_teacher_checkpointing_keeps_the_gradients_and_saves_fewer_activations(arch):
+    """``hardware.teacher_checkpointing``: same loss and gradients (LoRA dropout on: its masks are
+    replayed), fewer tensors kept for the backward."""
+    batch = random_batches(1)[0]
+
+    def run(checkpointing):
+        torch.manual_seed(0)  # LoRA's A is drawn from the global RNG
+        teacher, student = models(arch)
+        cfg = OmegaConf.merge(ROOT_CONF, {"rank": 4, "dropout": 0.3})
+        runtime = Runtime(torch.device("cpu"), torch.float32, cfg=OmegaConf.create({"teacher_checkpointing": checkpointing}))
+        method = build_method(cfg, Context(teacher=teacher, student=student, tokenizer=TOK, runtime=runtime,
+                                           divergence=build_divergence({"name": "fkl"}), train_cfg=None, vocab_size=V))
+        perturb(method)
+        saved = []
+        torch.manual_seed(11)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = method.loss(batch, 0).loss
+        grads = torch.autograd.grad(loss, method.module_params + list(method.student.parameters()))
+        return loss, grads, sum(saved)
+
+    plain_loss, plain_grads, plain_saved = run(False)
+    ckpt_loss, ckpt_grads, ckpt_saved = run(True)
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+    assert ckpt_saved < 0.8 * plain_saved, (ckpt_saved, plain_saved)

@@ -52,6 +52,7 @@ and MiniLLM (the paper's claim, Sec. I and V-C: about 1/4 of the on-policy metho
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from pathlib import Path
 
@@ -202,6 +203,32 @@ def peft_config(cfg, teacher):
                                encoder_hidden_size=cfg.encoder_hidden_size)
 
 
+def checkpoint_blocks(teacher, cfg) -> None:
+    """``hardware.teacher_checkpointing``: the teacher's blocks from the lowest adapted one up keep only
+    their inputs for the backward and recompute the rest (``torch.utils.checkpoint``; the RNG state is
+    replayed, so LoRA's dropout masks and hence the gradients are unchanged). It trades the saved
+    activations of every block, OKD's memory cost over ``kd``, for one more teacher forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = layer_list(teacher)
+    adapted = adapted_blocks(len(blocks), cfg.lora_layers) if cfg.online_module == "lora" else None
+    for block in blocks[(adapted or [0])[0]:]:
+        def forward(*args, _forward=block.forward, _signature=inspect.signature(block.forward), **kwargs):
+            if not torch.is_grad_enabled():  # generation and evaluation: nothing to save
+                return _forward(*args, **kwargs)
+            # no KV cache (passed by name or, in GPT-2, by position): the recomputation would append to it
+            # a second time, so transformers' own gradient checkpointing drops it too
+            bound = _signature.bind_partial(*args, **kwargs)
+            for named in (bound.arguments, bound.arguments.get("kwargs", {})):
+                for key in ("past_key_values", "past_key_value", "cache", "layer_past"):
+                    if key in named:
+                        named[key] = None
+                if "use_cache" in named:
+                    named["use_cache"] = False
+            return checkpoint(_forward, *bound.args, use_reentrant=False, **bound.kwargs)
+        block.forward = forward
+
+
 class OKD(Method):
     name = "okd"
     schema = {
@@ -229,6 +256,11 @@ class OKD(Method):
         # LoRA is injected into the teacher's own modules (so ``self.teacher`` computes p_ta); prefix
         # tuning and P-tuning live in the PeftModel wrapper and are applied in ``teacher_module_logits``.
         self.peft = get_peft_model(self.teacher, peft_config(cfg, self.teacher))
+        if ctx.runtime.cfg is not None and ctx.runtime.cfg.get("teacher_checkpointing"):
+            if cfg.online_module == "prefix":
+                raise ConfigError("hardware.teacher_checkpointing=true cannot recompute prefix tuning (its virtual "
+                                  "keys/values are the KV cache); set hardware.teacher_checkpointing=false")
+            checkpoint_blocks(self.teacher, cfg)
         self.module_params = [p for p in self.peft.parameters() if p.requires_grad]
         self.online = [m for n, m in self.peft.named_modules() if "lora_dropout" in n]
         if cfg.online_module != "lora":
