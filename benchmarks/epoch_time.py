@@ -21,7 +21,8 @@ Methods run round by round (``--repeats`` rounds, every method once per round) s
 processes hits them alike; the table gives medians. Target (issue 13): OKD <= 0.3 x GKD and <= 0.3 x MiniLLM.
 
 Args: ``--methods`` (kd,okd,gkd,minillm; also okd-last-quarter, okd-nodrop, imitkd), ``--train`` (64),
-``--batch`` (8), ``--new_tokens`` (128), ``--repeats`` (3).
+``--batch`` (8), ``--new_tokens`` (128), ``--repeats`` (3), ``--threads`` (torch threads per job,
+``hardware.num_threads``; null: torch's default. 1 avoids thread thrashing on a shared, oversubscribed CPU).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ METHOD_ARGS = {
 def run(args: dict) -> dict:
     train, batch = int(args.get("train", 64)), int(args.get("batch", 8))
     new_tokens, repeats = int(args.get("new_tokens", 128)), int(args.get("repeats", 3))
+    threads = args.get("threads")
     names = as_list(args.get("methods", ["kd", "okd", "gkd", "minillm"]))
     fields = {"batch": batch, "new_tokens": new_tokens, "ppo_steps": PPO_EPOCHS * train // batch}
     times = {name: [] for name in names}
@@ -62,6 +64,7 @@ def run(args: dict) -> dict:
                 overrides = {"dataset.sizes": f"{{train:{train},valid:8,test:8}}", "train.max_steps": "null",
                              "train.epochs": "1", "train.batch_size": str(batch), "train.eval_every": "null",
                              "train.save_every": "null", "eval.models": "[]", "logger": "none",
+                             "hardware.num_threads": "null" if threads is None else str(threads),
                              "hydra.run.dir": str(run_dir)}
                 overrides.update({k: v.format(**fields) for k, v in METHOD_ARGS[name].items()})
                 cmd = [sys.executable, "-m", "kdlab.run", *(f"{k}={v}" for k, v in overrides.items())]

@@ -39,13 +39,17 @@ Defaults and departures:
   ``target_modules=[c_attn]`` given explicitly adapts the whole fused projection with peft's own layer.
 - The module's dropout is active during training while the teacher's own dropout stays off (the
   teacher is in eval mode), as for a frozen teacher in KD.
+- Algorithm 1 updates both with one learning rate eta; kdlab gives the module its own ``module_lr``
+  (default equal to ``lr``, 5e-4) and each side its own AdamW (the paper names no optimizer). Both
+  gradients come from the one forward of Algorithm 1's step 3, as there.
 - ``lora_layers`` (prefix tuning and P-tuning ignore it) restricts LoRA to the last blocks, kdlab's
   own ablation (``sweeps/okd-ablation-blocks.yaml``); ``null``, every block, is the paper's.
 
 Cost. The module's gradient needs a backward from the LM head down to the lowest adapted block (the
 teacher forward runs with autograd here, unlike ``kd``'s no-grad forward); from block 0 that is the
 input gradient of every frozen matmul of the teacher, about one more teacher forward, and the saved
-activations of every block. This floor, not LoRA, is most of an OKD step's cost over ``kd``;
+activations of every block (``hardware.teacher_checkpointing=true`` recomputes them instead, see
+:func:`checkpoint_blocks`). This floor, not LoRA, is most of an OKD step's cost over ``kd``;
 BENCHMARKS.md ("OKD step time against its floor") measures both, and the whole-run time against GKD
 and MiniLLM (the paper's claim, Sec. I and V-C: about 1/4 of the on-policy methods' training time).
 """
