@@ -15,6 +15,7 @@ SCHEMA = {
     "device": OneOf("cpu", "cuda"),
     "dtype": OneOf("float32", "bfloat16", "float16"),
     "num_threads": Range(1, integer=True, optional=True),
+    "teacher_checkpointing": Type(bool),  # method=okd: recompute the teacher's blocks in the backward
     "slurm": Type(dict),
     # absent in cpu/gpu: one process (see kdlab.distributed for the others)
     "strategy": OneOf(*STRATEGIES),

@@ -1,5 +1,6 @@
 """OKD (kdlab/methods/okd.py): which parameters move, which loss feeds which gradient, the KL directions,
-alpha = 0, the equivalence with KD when the module is frozen, saving/resuming the module, and learning."""
+alpha = 0, the equivalence with KD when the module is frozen, saving/resuming the module, learning, and
+LoRA where the paper puts it (Sec. V-A: q and v of every block; on GPT-2 the q and v columns of c_attn)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from kdlab.divergences import build_divergence
 from kdlab.hardware import Runtime
 from kdlab.methods import build_method
 from kdlab.methods.base import Context
-from kdlab.methods.okd import OKD, adapted_blocks
+from kdlab.methods.okd import OKD, adapted_blocks, load_online_module
 from kdlab.modeling import byte_tokenizer, layer_list, random_model
 
 ROOT_CONF = OmegaConf.load("conf/method/okd.yaml")
@@ -112,7 +113,8 @@ def test_training_moves_the_module_and_the_student_but_never_the_teachers_weight
         torch.testing.assert_close(ours, module_full_logits(method, batch))
     method.save(tmp_path)
     assert (tmp_path / "online_module" / "adapter_config.json").exists()
-    fresh = PeftModel.from_pretrained(models(arch)[0], tmp_path / "online_module").eval()
+    fresh = load_online_module(models(arch)[0], tmp_path / "online_module").eval()
+    assert isinstance(fresh, PeftModel)
     with torch.no_grad():
         reloaded = fresh(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(reloaded[:, -batch.input_ids.shape[1]:][batch.response_mask][:, :V], ours)
@@ -235,8 +237,8 @@ def test_lora_targets_the_attention_projections_of_the_chosen_blocks(arch, targe
         names = [n for n, p in method.peft.named_parameters() if p.requires_grad]
         return {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names}, {int(n.split(".")[4]) for n in names}
 
-    assert adapted(build(arch, lora_layers=None)) == (targets, {0, 1})
-    assert adapted(build(arch)) == (targets, {1})  # the default last quarter of 2 blocks: ceil(0.5) = 1
+    assert adapted(build(arch)) == (targets, {0, 1})  # the default (the paper's): every block
+    assert adapted(build(arch, lora_layers=0.25)) == (targets, {1})  # the last quarter of 2 blocks: ceil(0.5) = 1
     assert adapted(build(arch, lora_layers=1)) == (targets, {1})
     mlp = "up_proj" if arch == "llama" else "c_fc"
     assert adapted(build(arch, target_modules=[mlp], lora_layers=None)) == ({mlp}, {0, 1})
@@ -277,3 +279,103 @@ def test_config_errors_name_the_fix():
         OKD.validate(OmegaConf.merge(ROOT_CONF, {"scaling": 0.5}))
     with pytest.raises(ConfigError, match="online_module='adapter' is not valid"):
         OKD.validate(OmegaConf.merge(ROOT_CONF, {"online_module": "adapter"}))
+
+
+def test_every_block_is_the_default_of_the_method_and_of_every_okd_experiment():
+    """The paper's standard LoRA (Sec. V-A) adapts every block: ``lora_layers: null``."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    experiments = sorted(p.stem for p in Path("experiments").glob("okd-*.yaml"))
+    assert experiments
+    with initialize_config_dir(str(Path("conf").resolve()), version_base="1.3"):
+        for overrides in [["method=okd"], *([f"+experiment={e}", "method=okd"] for e in experiments)]:
+            cfg = compose("config", overrides=[*overrides, "hardware=cpu"])
+            assert cfg.method.name == "okd" and cfg.method.lora_layers is None, overrides
+            assert cfg.method.target_modules is None and cfg.method.rank == 32, overrides
+
+
+def gpt2_c_attn_reference(layer, x):
+    """Eq. 15 on GPT-2's fused projection, float64: ``[q | k | v] = x W + b`` with ``q += s x A_q^T B_q^T``
+    and ``v += s x A_v^T B_v^T``, one rank-r pair each, k never adapted (written from the weights)."""
+    base = layer.get_base_layer()
+    w, bias = base.weight.double(), base.bias.double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    r, d, s = layer.r["default"], w.shape[1] // 3, layer.scaling["default"]
+    x = x.double()
+    q, k, v = (x @ w + bias).split(d, dim=-1)
+    return torch.cat([q + s * x @ a[:r].T @ b[:d].T, k, v + s * x @ a[r:].T @ b[d:].T], dim=-1)
+
+
+def test_gpt2_lora_adapts_only_the_q_and_v_columns_of_c_attn():
+    method = build("gpt2", dropout=0.0, scaling=2.0)
+    perturb(method)
+    layers = [m for n, m in method.teacher.named_modules() if n.endswith("attn.c_attn")]
+    assert len(layers) == 2
+    hidden, r = 32, 4
+    for layer in layers:  # k has no parameters: one rank-r pair for q and one for v
+        assert layer.lora_A["default"].weight.shape == (2 * r, hidden)
+        assert layer.lora_B["default"].weight.shape == (2 * hidden, r)
+    assert sum(p.numel() for p in method.module_params) == 2 * 2 * (2 * r * hidden)
+
+    layer = layers[0]
+    x = torch.randn(3, 5, hidden, requires_grad=True)
+    out = layer(x)
+    with method.peft.disable_adapter():
+        plain = layer(x)
+    d = hidden
+    torch.testing.assert_close(out[..., d:2 * d], plain[..., d:2 * d], rtol=0, atol=0)  # k untouched
+    assert (out[..., :d] - plain[..., :d]).abs().min() > 0 and (out[..., 2 * d:] - plain[..., 2 * d:]).abs().min() > 0
+    torch.testing.assert_close(out, gpt2_c_attn_reference(layer, x).float())
+
+    # gradients into A, B and the input equal the reference's; the k columns send none into the module
+    weights = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    g = torch.randn(out.shape)
+    ours = torch.autograd.grad(out, [x, *weights], g, retain_graph=True)
+    ref = torch.autograd.grad(gpt2_c_attn_reference(layer, x), [x, *weights], g.double())
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b.float())
+    g_k = torch.zeros_like(g)
+    g_k[..., d:2 * d] = 1
+    assert all(t.abs().max() == 0 for t in torch.autograd.grad(out, weights, g_k))
+
+    # merging writes the same delta into the base weight (peft's merge_and_unload uses get_delta_weight)
+    with torch.no_grad():
+        merged = method.peft.merge_and_unload()
+        torch.testing.assert_close(merged.transformer.h[0].attn.c_attn(x), out)
+
+
+def test_an_explicit_c_attn_target_adapts_the_whole_fused_projection():
+    method = build("gpt2", target_modules=["c_attn"])
+    layer = method.teacher.transformer.h[0].attn.c_attn
+    assert layer.lora_B["default"].weight.shape == (3 * 32, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_teacher_checkpointing_keeps_the_gradients_and_saves_fewer_activations(arch):
+    """``hardware.teacher_checkpointing``: same loss and gradients (LoRA dropout on: its masks are
+    replayed), fewer tensors kept for the backward."""
+    batch = random_batches(1)[0]
+
+    def run(checkpointing):
+        torch.manual_seed(0)  # LoRA's A is drawn from the global RNG
+        teacher, student = models(arch)
+        cfg = OmegaConf.merge(ROOT_CONF, {"rank": 4, "dropout": 0.3})
+        runtime = Runtime(torch.device("cpu"), torch.float32, cfg=OmegaConf.create({"teacher_checkpointing": checkpointing}))
+        method = build_method(cfg, Context(teacher=teacher, student=student, tokenizer=TOK, runtime=runtime,
+                                           divergence=build_divergence({"name": "fkl"}), train_cfg=None, vocab_size=V))
+        perturb(method)
+        saved = []
+        torch.manual_seed(11)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = method.loss(batch, 0).loss
+        grads = torch.autograd.grad(loss, method.module_params + list(method.student.parameters()))
+        return loss, grads, sum(saved)
+
+    plain_loss, plain_grads, plain_saved = run(False)
+    ckpt_loss, ckpt_grads, ckpt_saved = run(True)
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+    assert ckpt_saved < 0.8 * plain_saved, (ckpt_saved, plain_saved)

@@ -18,35 +18,45 @@ module's term is always the forward KL above with the divergence's ``tau`` and `
 Both are averaged over response tokens.
 
 Defaults and departures:
-- ``alpha = 0.5`` (``L_t``'s weight). REFERENCE.md's "alpha = 0 for the student (learning only the
-  teacher's distribution is best)" is the *student's* MLE weight: it is 0 here by construction, since
-  ``L_s`` is pure distillation. ``L_t``'s alpha cannot be 0 by default: the module would then be plain
-  fine-tuning of the teacher on the gold responses, blind to the student (no online adaptation, the
-  method's point); at 1 nothing anchors the teacher to the data and it can collapse onto the student.
-  0.5 weighs both equally (as LMOps's KD mixes its two terms).
-- LoRA rank 32 on the attention query and value projections, no weight decay (REFERENCE.md); scaling
-  ``s = lora_alpha / r = 1`` (the paper asks for s >= 1) and dropout 0.1 are kdlab's choices. GPT-2
-  fuses q, k and v into one ``c_attn`` projection, which peft can only adapt as a whole (separating q
-  and v would need a custom layer): on GPT-2 LoRA covers q, k and v with one rank-32 adapter on
-  ``c_attn``, peft's own default target for GPT-2.
+- ``alpha = 0.5`` (``L_t``'s weight). The paper's "alpha = 0 represents SFT" study (Sec. V-E, "Loss
+  Weight", Fig. 9) is about the *student's* MLE weight: it is 0 here by construction, since ``L_s`` is
+  pure distillation (Eq. 17). The paper gives no value for Eq. 16's alpha; it cannot be 0 by default
+  (the module would then be plain fine-tuning of the teacher on the gold responses, blind to the
+  student), and at 1 nothing anchors the teacher to the data. 0.5 weighs both equally.
+- The online module is "a standard LoRA module" on the query and value projections of the attention in
+  every transformer layer (Sec. V-A, Eq. 15: ``h <- h + s x W_down W_up``), rank 32 (Sec. V-E, "LoRA
+  Dimension"), no weight decay (Sec. III-E). ``s = lora_alpha / r = 1`` (Eq. 15 asks for s >= 1) and
+  LoRA dropout 0.1 (the LoRA paper's GPT-2 setting, Hu et al. 2022; OKD gives none) are kdlab's
+  choices; ``dropout=0`` skips the dropout (peft then uses no dropout layer), a different run, not the
+  default. Sec. V-E also mentions "a non-linear transformation" between W_down and W_up; Eq. 15 and
+  standard LoRA have none, and neither has kdlab.
+- GPT-2 fuses q, k and v into one ``c_attn`` (a Conv1D: weight ``[in, 3d]``, output ``[q | k | v]``).
+  :class:`QVLoraConv1D`, registered with peft's custom-layer mechanism, adapts only its q and v output
+  columns, each with its own rank-r pair (the LoRA paper's own GPT-2 layer, loralib's ``MergedLinear``
+  with ``enable_lora=[True, False, True]``, which also draws one dropout mask for both); k gets no
+  parameters. Reload a saved GPT-2 module with :func:`load_online_module` (plain
+  ``PeftModel.from_pretrained`` does not know the custom layer and stops at the shape mismatch).
+  ``target_modules=[c_attn]`` given explicitly adapts the whole fused projection with peft's own layer.
 - The module's dropout is active during training while the teacher's own dropout stays off (the
   teacher is in eval mode), as for a frozen teacher in KD.
-- Where LoRA goes (``lora_layers``; prefix tuning and P-tuning ignore it): the last quarter of the
-  teacher's blocks by default (``0.25``: 8 of SmolLM2-135M's 30, 12 of GPT-2 XL's 48); ``null`` puts it
-  in every block, an integer K in the last K. The paper's text at hand (REFERENCE.md) gives the rank and
-  the projections, not the blocks, and the choice sets OKD's cost: the module's gradient needs a
-  backward from the LM head down to the lowest adapted block (the teacher forward runs with autograd
-  here, unlike ``kd``'s no-grad forward). From block 0 that backward costs about one more teacher
-  forward (the input gradient of every frozen matmul), so no implementation brings an all-block OKD
-  step under ~1.6x a ``kd`` step on the embedded pair (measured 1.9-3x), and a larger teacher is worse;
-  from the last quarter it is ~1.2x (issue 5's budget: 1.3x). On the embedded pair (BENCHMARKS.md,
-  "OKD: where the adapters go", 2 seeds) every block trains a better student per step (test loss 1.87
-  vs 2.09 after 100 steps) and the last quarter a better one per unit of training time (1.65 vs 1.87
-  in the time of those 100 all-block steps). For the paper's tables run both:
-  ``sweeps/okd-ablation-blocks.yaml``.
+- Algorithm 1 updates both with one learning rate eta; kdlab gives the module its own ``module_lr``
+  (default equal to ``lr``, 5e-4) and each side its own AdamW (the paper names no optimizer). Both
+  gradients come from the one forward of Algorithm 1's step 3, as there.
+- ``lora_layers`` (prefix tuning and P-tuning ignore it) restricts LoRA to the last blocks, kdlab's
+  own ablation (``sweeps/okd-ablation-blocks.yaml``); ``null``, every block, is the paper's.
+
+Cost. The module's gradient needs a backward from the LM head down to the lowest adapted block (the
+teacher forward runs with autograd here, unlike ``kd``'s no-grad forward); from block 0 that is the
+input gradient of every frozen matmul of the teacher, about one more teacher forward, and the saved
+activations of every block (``hardware.teacher_checkpointing=true`` recomputes them instead, see
+:func:`checkpoint_blocks`). This floor, not LoRA, is most of an OKD step's cost over ``kd``;
+BENCHMARKS.md ("OKD step time against its floor") measures both, and the whole-run time against GKD
+and MiniLLM (the paper's claim, Sec. I and V-C: about 1/4 of the on-policy methods' training time).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from pathlib import Path
 
@@ -59,7 +69,7 @@ from kdlab.methods.base import LossOutput, Method, ParamGroup
 from kdlab.modeling import layer_list, lm_head
 
 # peft's LoRA targets per architecture: (module names, fan_in_fan_out). GPT-2's projections are Conv1D
-# layers with transposed weights, hence fan_in_fan_out.
+# layers with transposed weights, hence fan_in_fan_out; its fused c_attn gets QVLoraConv1D.
 LORA_TARGETS = {
     "gpt2": (["c_attn"], True),
     "llama": (["q_proj", "v_proj"], False),
@@ -77,6 +87,91 @@ def lora_targets(model, target_modules) -> tuple[list[str], bool]:
         raise ConfigError(f"method.target_modules is null and the teacher's architecture {model_type!r} has no "
                           f"default LoRA targets; set method.target_modules=[<attention projection names>]")
     return LORA_TARGETS[model_type]
+
+
+@functools.cache
+def _qv_lora_layer():
+    """:class:`QVLoraConv1D`, built once on first use so that importing kdlab does not import peft."""
+    from peft.tuners.lora.layer import Linear
+
+    class QVLoraConv1D(Linear):
+        """LoRA on the q and v thirds of GPT-2's fused ``c_attn`` only (module docstring).
+
+        ``lora_A`` is ``[2r, in]`` (rows ``:r`` for q, ``r:`` for v) and ``lora_B`` ``[2d, r]`` (rows ``:d``
+        for q, ``d:`` for v): ``out[..., :d] += s B_q A_q x``, ``out[..., 2d:] += s B_v A_v x``, the k
+        columns untouched. The names keep peft's ``lora_A``/``lora_B``, so its init, ``requires_grad``
+        handling, saving and loading apply unchanged; only the shapes and the forward differ.
+        """
+
+        def __init__(self, base_layer, adapter_name, config, **kwargs):
+            if config.lora_bias or config.use_dora:
+                raise ConfigError("the q/v-only LoRA of GPT-2's c_attn supports neither lora_bias nor DoRA")
+            super().__init__(base_layer, adapter_name, config, is_target_conv_1d_layer=True, **kwargs)
+
+        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+            super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+            self.lora_A[adapter_name] = torch.nn.Linear(self.in_features, 2 * r, bias=False)
+            self.lora_B[adapter_name] = torch.nn.Linear(r, 2 * (self.out_features // 3), bias=False)
+            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+        def _qv_deltas(self, adapter, x):
+            r, d = self.r[adapter], self.out_features // 3
+            a = self.lora_A[adapter](self.lora_dropout[adapter](x))
+            b = self.lora_B[adapter].weight
+            return a[..., :r] @ b[:d].T, a[..., r:] @ b[d:].T
+
+        def get_delta_weight(self, adapter) -> torch.Tensor:
+            r, d = self.r[adapter], self.out_features // 3
+            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            delta = a.new_zeros(self.in_features, self.out_features)  # Conv1D layout [in, out]
+            delta[:, :d] = (b[:d] @ a[:r]).T
+            delta[:, 2 * d:] = (b[d:] @ a[r:]).T
+            return delta * self.scaling[adapter]
+
+        def forward(self, x, *args, **kwargs):
+            if kwargs.get("adapter_names") is not None:
+                raise NotImplementedError("mixed-adapter batches are not supported by the q/v-only GPT-2 LoRA")
+            if self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            d = self.out_features // 3
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue
+                q, v = self._qv_deltas(adapter, x.to(self.lora_A[adapter].weight.dtype))
+                scaling = self.scaling[adapter]
+                # in place into the fresh base output (Conv1D's addmm keeps no reference to it for its
+                # backward), so the k columns are neither copied nor touched
+                result[..., :d] += (q * scaling).to(result.dtype)
+                result[..., 2 * d:] += (v * scaling).to(result.dtype)
+            return result
+
+    return QVLoraConv1D
+
+
+def register_qv_lora(config) -> None:
+    """Route GPT-2's Conv1D targets of ``config`` (a peft ``LoraConfig``) to :class:`QVLoraConv1D`."""
+    from transformers.pytorch_utils import Conv1D
+
+    config._register_custom_module({Conv1D: _qv_lora_layer()})
+
+
+def load_online_module(model, path):
+    """``PeftModel.from_pretrained`` for a module :meth:`OKD.save` wrote, the q/v-only GPT-2 layer
+    included (peft does not record custom layers in ``adapter_config.json``, so it is registered again
+    when the saved ``lora_A`` has the 2r rows of :class:`QVLoraConv1D`)."""
+    from peft import LoraConfig, PeftConfig, PeftModel
+    from safetensors import safe_open
+
+    config = PeftConfig.from_pretrained(path)
+    if isinstance(config, LoraConfig) and model.config.model_type == "gpt2":
+        with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("c_attn.lora_A.weight")}
+        if any(shape[0] == 2 * config.r for shape in shapes.values()):
+            register_qv_lora(config)
+    return PeftModel.from_pretrained(model, path, config=config)
 
 
 def adapted_blocks(depth: int, lora_layers: int | float | None) -> list[int] | None:
@@ -100,13 +195,43 @@ def peft_config(cfg, teacher):
 
     if cfg.online_module == "lora":
         targets, fan_in_fan_out = lora_targets(teacher, cfg.target_modules)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.scaling * cfg.rank,
-                          lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-                          layers_to_transform=adapted_blocks(len(layer_list(teacher)), cfg.lora_layers))
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.scaling * cfg.rank,
+                            lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                            layers_to_transform=adapted_blocks(len(layer_list(teacher)), cfg.lora_layers))
+        if teacher.config.model_type == "gpt2" and not cfg.target_modules:
+            register_qv_lora(config)
+        return config
     if cfg.online_module == "prefix":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
                                encoder_hidden_size=cfg.encoder_hidden_size)
+
+
+def checkpoint_blocks(teacher, cfg) -> None:
+    """``hardware.teacher_checkpointing``: the teacher's blocks from the lowest adapted one up keep only
+    their inputs for the backward and recompute the rest (``torch.utils.checkpoint``; the RNG state is
+    replayed, so LoRA's dropout masks and hence the gradients are unchanged). It trades the saved
+    activations of every block, OKD's memory cost over ``kd``, for one more teacher forward (on the
+    embedded pair, BENCHMARKS.md: step peak 0.87 -> 0.40 GB, kd's, at +7% step time)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = layer_list(teacher)
+    adapted = adapted_blocks(len(blocks), cfg.lora_layers) if cfg.online_module == "lora" else None
+    for block in blocks[(adapted or [0])[0]:]:
+        def forward(*args, _forward=block.forward, _signature=inspect.signature(block.forward), **kwargs):
+            if not torch.is_grad_enabled():  # generation and evaluation: nothing to save
+                return _forward(*args, **kwargs)
+            # no KV cache (passed by name or, in GPT-2, by position): the recomputation would append to it
+            # a second time, so transformers' own gradient checkpointing drops it too
+            bound = _signature.bind_partial(*args, **kwargs)
+            for named in (bound.arguments, bound.arguments.get("kwargs", {})):
+                for key in ("past_key_values", "past_key_value", "cache", "layer_past"):
+                    if key in named:
+                        named[key] = None
+                if "use_cache" in named:
+                    named["use_cache"] = False
+            return checkpoint(_forward, *bound.args, use_reentrant=False, **bound.kwargs)
+        block.forward = forward
 
 
 class OKD(Method):
@@ -136,6 +261,11 @@ class OKD(Method):
         # LoRA is injected into the teacher's own modules (so ``self.teacher`` computes p_ta); prefix
         # tuning and P-tuning live in the PeftModel wrapper and are applied in ``teacher_module_logits``.
         self.peft = get_peft_model(self.teacher, peft_config(cfg, self.teacher))
+        if ctx.runtime.cfg is not None and ctx.runtime.cfg.get("teacher_checkpointing"):
+            if cfg.online_module == "prefix":
+                raise ConfigError("hardware.teacher_checkpointing=true cannot recompute prefix tuning (its virtual "
+                                  "keys/values are the KV cache); set hardware.teacher_checkpointing=false")
+            checkpoint_blocks(self.teacher, cfg)
         self.module_params = [p for p in self.peft.parameters() if p.requires_grad]
         self.online = [m for n, m in self.peft.named_modules() if "lora_dropout" in n]
         if cfg.online_module != "lora":
