@@ -24,10 +24,9 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
-from kdlab.checkpoint import atomic_dir, load_checkpoint, recover_dir, restore_params, save_checkpoint
+from kdlab.checkpoint import KEEP, atomic_dir, load_checkpoint, recover_dir, restore_params, save_checkpoint
 from kdlab.data import batches
 from kdlab import distributed
-from kdlab.checkpoint import KEEP
 from kdlab.preemption import StopSignals
 from kdlab.evaluation import evaluate, test_loss
 from kdlab.modeling import sparse_tied_embedding_grad

@@ -264,3 +264,25 @@ def test_a_file_system_without_flock_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(runlock.ConfigError, match="does not support flock"):
         with runlock.hold(tmp_path):
             pass
+
+
+def test_a_signal_waits_for_the_step_boundary_then_reaches_the_handler_it_had():
+    """submitit's handlers (requeue on SIGUSR2) must run after kdlab's checkpoint, not mid-step."""
+    from kdlab.preemption import StopSignals
+
+    seen = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert seen == [] and signals.requested("cpu") == signal.SIGUSR2   # recorded, not acted on
+            stop = signals.stop(signals.requested("cpu"), step=7)
+        assert "stopped by SIGUSR2 after step 7" in str(stop)
+        stop.chain()
+        assert seen == [signal.SIGUSR2]
+        with StopSignals():   # arriving after the last step's check: delivered when training ends
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert seen == [signal.SIGUSR2]
+        assert seen == [signal.SIGUSR2, signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
