@@ -50,6 +50,8 @@ EXPERIMENT_DEFAULTS = {
     "dpkd-table-smoke": SMOKE_SCALE,
     "okd-table2-smoke": SMOKE_SCALE,
     "okd-ablation-smoke": {**SMOKE_SCALE, "method.name": "okd"},
+    "dolly-cpu": {"dataset.name": "dolly", "teacher.name": "smollm2-135m", "student.num_layers": 15,
+                  "eval.datasets": ["sni", "unni"], "eval.do_sample": False},
 }
 
 
@@ -62,6 +64,8 @@ def value(cfg, dotted):
     node = cfg
     for part in dotted.split("."):
         node = node[part]
+    if dotted == "eval.datasets" and hasattr(node, "keys"):   # the mapping form names its sets by its keys
+        return list(node)
     return list(node) if hasattr(node, "__len__") and not isinstance(node, str) and not hasattr(node, "keys") else node
 
 
