@@ -69,4 +69,6 @@ class StopSignals:
         return int(flag.item())
 
     def stop(self, signum: int, step: int) -> Stopped:
+        """The stop this signal asks for; it is consumed here (``Stopped.chain`` delivers it, not ``__exit__``)."""
+        self.signum = 0
         return Stopped(signum, step, self.previous.get(signum))
