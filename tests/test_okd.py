@@ -334,8 +334,8 @@ def test_gpt2_lora_adapts_only_the_q_and_v_columns_of_c_attn():
     g = torch.randn(out.shape)
     ours = torch.autograd.grad(out, [x, *weights], g, retain_graph=True)
     ref = torch.autograd.grad(gpt2_c_attn_reference(layer, x), [x, *weights], g.double())
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b.float())
+    for a, b in zip(ours, ref):   # float32 against a float64 reference: an absolute floor for near-zero entries
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
     g_k = torch.zeros_like(g)
     g_k[..., d:2 * d] = 1
     assert all(t.abs().max() == 0 for t in torch.autograd.grad(out, weights, g_k))
