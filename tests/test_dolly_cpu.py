@@ -29,3 +29,33 @@ def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
     assert methods | {"minillm"} == set(METHODS)
     assert all(p["seed"] == "1,2,3" for p in params.values())
     assert Path(CONF_DIR, "sweep", "dolly-cpu-rkl.yaml").read_text().count("rkl") >= 1
+
+
+SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
+         "teacher.finetune.batch_size=4", "teacher.finetune.save_every=1", "train.max_steps=2",
+         "train.batch_size=4", "train.save_every=1", "train.valid_examples=4", "eval.test_examples=4",
+         "eval.batch_size=4", "eval.max_new_tokens=8", "eval.analysis.max_examples=2",
+         "hardware.num_threads=2"]
+
+
+def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
+    """The experiment end to end at a few rows and steps (the real Dolly, S-NI and UnNI files and the embedded
+    teacher, fine-tuned once and shared by both jobs), then RESULTS.md's report command on its folder."""
+    import json
+
+    from conftest import run_kdlab
+
+    run_kdlab("+experiment=dolly-cpu", *SMOKE, "-m", "method=sft,kd", "seed=1", f"output_dir={tmp_path}")
+    found = sorted((tmp_path / "multirun" / "dolly-cpu").rglob("results.json"))
+    runs = [json.loads(p.read_text()) for p in found]
+    assert sorted(r["run"]["method"] for r in runs) == ["kd", "sft"]
+    for r in runs:
+        assert r["run"]["status"] == "completed"
+        assert set(r["eval"]["student"]) == {"dolly", "sni", "unni"}
+        assert all(0 <= m["rougeL"] <= 100 and m["loss"] > 0 for m in r["eval"]["student"].values())
+    assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1   # one teacher for both methods
+    proc = run_kdlab(str(tmp_path / "multirun" / "dolly-cpu"), module="kdlab.report")
+    report = (tmp_path / "multirun" / "dolly-cpu" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-15l |")]
+    assert sorted(row.split(" | ")[2].split(" ")[0] for row in rows) == ["kd", "sft"], proc.stdout[-2000:]
+
