@@ -3,7 +3,7 @@
 The model is the embedded student ``smollm2-6l`` (6 of SmolLM2-135M-Instruct's 30 blocks, built from
 the teacher as in training), generating for the first ``--prompts`` Dolly test prompts (MiniLLM's
 test split, ``/work/shared/data/dolly/test.jsonl``) with the teacher's chat template, batch by batch
-as :func:`kdlab.evaluation.generate_texts` does (collate, :func:`kdlab.generation.generate`, decode).
+as :func:`kdlab.metrics.evaluate.generate_texts` does (collate, :func:`kdlab.generation.generate`, decode).
 Generated tokens are those of the responses up to and including EOS, counted the same way in both
 modes; one prompt at a time stops at its own EOS, a batch runs until its last row stops. Target (issue):
 batched >= 4x the tokens/s of one prompt at a time.

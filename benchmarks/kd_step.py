@@ -44,7 +44,7 @@ def run(args: dict) -> dict:
     from kdlab.methods.base import Context
     from kdlab.methods.kd import KD
     from kdlab.modeling import response_logits
-    from kdlab.teacher_cache import TeacherCache, build_cache
+    from kdlab.teacher.topk_cache import TeacherCache, build_cache
 
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))

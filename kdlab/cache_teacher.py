@@ -4,7 +4,7 @@ Same config groups as ``kdlab.run`` (``teacher=``, ``dataset=``, ``hardware=``, 
 ``cache:`` section (``conf/cache_teacher.yaml``: ``top_k``, ``dtype``, ``out``, ``batch_size``,
 ``shard_rows``). Prints the cache folder; train from it with ``teacher.cache=<folder>`` and the same
 teacher, dataset and template (checked). Building again with the same settings reuses the folder.
-Layout and guarantees: :mod:`kdlab.teacher_cache`.
+Layout and guarantees: :mod:`kdlab.teacher.topk_cache`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
-from kdlab.run import cli, prompt_template
+from kdlab.cli import main
 
 SCHEMA = {
     "top_k": Range(1, integer=True),
@@ -24,12 +24,12 @@ SCHEMA = {
 
 
 def cache_teacher(cfg) -> Path:
-    from kdlab.data import encode, load_splits, validate_dataset
+    from kdlab.data import encode, load_splits, prompt_template, validate_dataset
     from kdlab.hardware import setup_runtime, validate_hardware
     from kdlab.modeling import check_available, load_tokenizer
     from kdlab.teacher import load_teacher, validate_teacher
-    from kdlab.teacher_cache import build_cache, folder_name, key_components
-    from kdlab.teacher_finetune import finetuned_teacher
+    from kdlab.teacher.topk_cache import build_cache, folder_name, key_components
+    from kdlab.teacher.finetune import finetuned_teacher
 
     check_section("cache", cfg.cache, SCHEMA)
     validate_teacher(cfg.teacher)
@@ -58,4 +58,4 @@ def cache_teacher(cfg) -> Path:
 
 
 if __name__ == "__main__":
-    cli(cache_teacher, "cache_teacher")
+    main(cache_teacher, "cache_teacher")

@@ -6,7 +6,7 @@ Config: ``conf/eval.yaml`` (config.yaml with ``eval.models=[student]`` and its o
 ``outputs/eval/eval-<student>/<overrides>``). The student comes from ``student.path`` (any Hugging
 Face causal-LM folder with its tokenizer, loaded with ``from_pretrained``, safetensors) or, without
 a path, from its group as in training. Test sets: the ``dataset`` group's test split plus every
-``eval.datasets`` entry. Metrics are those of :func:`kdlab.evaluation.evaluate` (generation with
+``eval.datasets`` entry. Metrics are those of :func:`kdlab.metrics.evaluate.evaluate` (generation with
 ``eval.*`` settings, test loss, and the teacher-forcing analysis).
 
 The teacher is loaded only when it is needed: for the analysis (``eval.analysis.enabled``, the
@@ -29,7 +29,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from kdlab.checkpoint import atomic_write_json, read_json
 from kdlab.config import ConfigError
-from kdlab.run import check_same_job, cli, eval_dataset_cfgs, format_table, validate_config
+from kdlab.cli import check_same_job, eval_dataset_cfgs, main, validate_config
+from kdlab.metrics.evaluate import results_table
 
 MODELS = ("student", "teacher")
 
@@ -50,7 +51,7 @@ def load_student(cfg, teacher, teacher_tokenizer):
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     from kdlab.data import encode_sets, load_test_sets
-    from kdlab.evaluation import analysis_table, evaluate
+    from kdlab.metrics.evaluate import analysis_table, evaluate
     from kdlab.hardware import seed_everything, setup_runtime
     from kdlab.loggers import build_logger, flatten
     from kdlab.modeling import check_available
@@ -100,7 +101,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         atomic_write_json(run_dir / "results.json", results)
         logger.summary(flatten({"eval": evals}))
         logger.finish()
-        tables = "\n\n".join(t for t in (format_table(evals), analysis_table(evals)) if t)
+        tables = "\n\n".join(t for t in (results_table(evals), analysis_table(evals)) if t)
         (run_dir / "results.md").write_text(tables + "\n")
         print(f"\nkdlab: results in {run_dir}\n{tables}")
     return results
@@ -117,11 +118,11 @@ def run(cfg) -> dict:
     results_path = run_dir / "results.json"
     if results_path.exists() and read_json(results_path)["run"].get("status") == "completed":
         results = read_json(results_path)
-        print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{format_table(results['eval'])}")
+        print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{results_table(results['eval'])}")
         return results
     check_same_job(cfg, run_dir)
     return evaluate_checkpoint(cfg, run_dir)
 
 
 if __name__ == "__main__":
-    cli(run, "eval")
+    main(run, "eval")

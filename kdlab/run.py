@@ -7,125 +7,20 @@ as it is.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
-import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 
-from kdlab import distributed, runlock
-from kdlab.checkpoint import atomic_write_json, atomic_write_text, read_json
+from kdlab import distributed
+from kdlab.checkpoint import atomic_write_json, read_json
+from kdlab.cli import eval_dataset_cfgs, main, open_run_folder, override_dirname, validate_config
 from kdlab.config import ConfigError
-from kdlab.modeling import ModelUnavailable
-from kdlab.preemption import Stopped
-
-
-def _dirname(overrides: str) -> str:
-    """A folder name for a job's overrides: readable when short, hashed when long."""
-    name = overrides.replace("/", "_") or "default"
-    return name if len(name) <= 100 else f"{name[:60]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-
-
-OmegaConf.register_new_resolver("kdlab.dirname", _dirname, replace=True)
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def validate_config(cfg) -> None:
-    """Check every group before anything is loaded; raises :class:`ConfigError`."""
-    from kdlab.alignment import check_config as check_cross_tokenizer
-    from kdlab.data import validate_dataset
-    from kdlab.divergences import DIVERGENCES, validate_divergence
-    from kdlab.evaluation import validate_eval
-    from kdlab.hardware import validate_hardware
-    from kdlab.loggers import validate_logger
-    from kdlab.methods import method_class
-    from kdlab.student import validate_student
-    from kdlab.teacher import validate_teacher
-    from kdlab.trainer import validate_train
-
-    validate_teacher(cfg.teacher)
-    validate_student(cfg.student)
-    method_class(cfg.method.name).validate(cfg.method)
-    validate_divergence(cfg.divergence)
-    validate_dataset(cfg.dataset)
-    validate_hardware(cfg.hardware)
-    validate_logger(cfg.logger)
-    validate_train(cfg.train)
-    validate_eval(cfg.eval)
-    eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
-    check_cross_tokenizer(cfg)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
-    method = method_class(cfg.method.name)
-    if cfg.teacher.get("cache") and method.needs_teacher and not method.uses_teacher_cache:
-        raise ConfigError(f"method={cfg.method.name} needs the live teacher during training, not a cached one "
-                          f"(teacher.cache works with off-policy methods such as kd); set teacher.cache=null")
-    if cfg.teacher.get("cache") and method.uses_teacher_cache and not DIVERGENCES[cfg.divergence.name].supports_topk:
-        raise ConfigError(f"divergence={cfg.divergence.name} needs the teacher's full distribution, which a cached "
-                          f"top-k teacher does not have; set teacher.cache=null or pick another divergence")
-
-
-def prompt_template(cfg) -> str:
-    """The student side's template: the teacher's (the two share a tokenizer), or across tokenizers
-    (divergence=uld) the student's own; the teacher then renders its own (kdlab.alignment)."""
-    from kdlab.divergences import is_cross_tokenizer
-
-    cross = "divergence" in cfg and is_cross_tokenizer(cfg.divergence.name)   # kdlab.cache_teacher has none
-    own = cfg.student if cross else cfg.teacher
-    return own.template if cfg.dataset.template == "auto" else cfg.dataset.template
-
-
-def eval_dataset_cfgs(cfg) -> dict:
-    """The training dataset's test split plus every ``eval.datasets`` entry (:func:`kdlab.data.eval_datasets`)."""
-    from kdlab.data import eval_datasets
-
-    return {cfg.dataset.name: cfg.dataset, **eval_datasets(cfg.eval.datasets, cfg.dataset, CONF_DIR)}
-
-
-def format_table(evals: dict) -> str:
-    rows = ["| model | dataset | ROUGE-L | EM | loss |", "|---|---|---:|---:|---:|"]
-    for model, per_data in evals.items():
-        for data, m in per_data.items():
-            loss = f"{m['loss']:.3f}" if "loss" in m else "-"
-            rows.append(f"| {model} | {data} | {m['rougeL']:.2f} | {m['exact_match']:.2f} | {loss} |")
-    return "\n".join(rows)
 
 
 def run(cfg) -> dict:
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
     validate_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    # the lock before anything of kdlab's is written into the folder (Hydra's .hydra/ and log are already there)
-    with runlock.hold(run_dir, locks=runlock.main_process()):
-        if runlock.main_process():
-            runlock.remove_leftovers(run_dir)
-        check_same_job(cfg, run_dir)
-        results_path = run_dir / "results.json"
-        if results_path.exists() and read_json(results_path)["run"].get("status") == "completed":
-            results = read_json(results_path)
-            print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{format_table(results['eval'])}")
-            return results
-        return train_and_evaluate(cfg, run_dir, HydraConfig.get().job.override_dirname)
-
-
-def check_same_job(cfg, run_dir: Path) -> None:
-    """Refuse to resume a folder whose job had a different config and made progress (its checkpoint and
-    cached evaluations would be silently mixed into this one); a job that stopped before any progress
-    (a missing model, say) is simply started again with the new config."""
-    saved = run_dir / "config.yaml"
-    current = OmegaConf.to_yaml(cfg, resolve=True)
-    progress = [run_dir / "checkpoints" / "LAST", run_dir / "eval", run_dir / "results.json"]
-    if saved.exists() and saved.read_text() != current and any(p.exists() for p in progress):
-        raise ConfigError(f"{run_dir} holds a job with a different config; delete that folder or pass "
-                          f"hydra.run.dir=<another folder> (output_dir=<folder> for a new tree)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, current)   # atomic: the ranks of a distributed job all write it and read it
+    with open_run_folder(cfg) as (run_dir, finished):
+        return finished or train_and_evaluate(cfg, run_dir, override_dirname())
 
 
 def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
@@ -136,7 +31,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     from kdlab.alignment import CrossTokenizer
     from kdlab.data import check_batch_size, encode_sets, load_splits, load_test_sets
     from kdlab.divergences import build_divergence, is_cross_tokenizer
-    from kdlab.evaluation import analysis_table, evaluate
+    from kdlab.metrics.evaluate import analysis_table, evaluate, results_table
     from kdlab.hardware import seed_everything, setup_runtime
     from kdlab.loggers import build_logger, flatten
     from kdlab.methods import build_method, method_class
@@ -144,8 +39,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     from kdlab.modeling import check_available, load_tokenizer
     from kdlab.student import build_student
     from kdlab.teacher import load_teacher
-    from kdlab.teacher_cache import open_cache
-    from kdlab.teacher_finetune import finetuned_teacher
+    from kdlab.teacher.topk_cache import open_cache
+    from kdlab.teacher.finetune import finetuned_teacher
     from kdlab.trainer import Trainer, save_pretrained
 
     runtime = setup_runtime(cfg.hardware)
@@ -261,7 +156,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     if runtime.is_main:
         atomic_write_json(run_dir / "results.json", results)
         logger.summary(flatten({"eval": evals}))
-        table = "\n\n".join(t for t in (format_table(evals), analysis_table(evals)) if t)
+        table = "\n\n".join(t for t in (results_table(evals), analysis_table(evals)) if t)
         (run_dir / "results.md").write_text(table + "\n")
         print(f"\nkdlab: results in {run_dir}\n{table}")
     logger.finish()
@@ -269,60 +164,5 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     return results
 
 
-def multirun_flag_first() -> None:
-    """Let ``-m``/``--multirun`` stand anywhere on the command line.
-
-    Hydra's parser takes the overrides as one positional list, so in
-    ``kdlab.run method=okd student=gpt2-base -m seed=1,2,3`` the overrides after ``-m`` would be
-    rejected as unrecognised arguments; moving the flag to the front keeps every override.
-    """
-    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
-    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
-
-
-def refuse_null_groups(argv: list[str]) -> None:
-    """``student=null`` (or ``~teacher``) would drop a required group, which Hydra reports with a traceback
-    (or kdlab later with a missing key): end with one line naming the options instead."""
-    for arg in argv:
-        group = arg[1:] if arg.startswith("~") and "=" not in arg else arg.lstrip("+").removesuffix("=null")
-        if arg != group and group in ("teacher", "student", "method", "divergence", "dataset", "hardware", "logger"):
-            options = ", ".join(sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")))
-            print(f"kdlab: error: {arg} removes the {group} group, which every job needs; choose {group}=<one of: "
-                  f"{options}>", file=sys.stderr)
-            sys.exit(2)
-
-
-def cli(job, config_name: str) -> None:
-    """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere; a bad
-    config, an unavailable model, a busy run folder or a full disk end the process with one line and exit
-    status 2, a stop on SIGTERM/SIGUSR1/SIGUSR2 (checkpoint written) with 128 + the signal's number, and
-    Ctrl-C with one line and 130."""
-    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
-    def main(cfg) -> None:
-        try:
-            job(cfg)
-        except (ConfigError, ModelUnavailable) as err:
-            print(f"kdlab: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except Stopped as stop:
-            print(f"kdlab: {stop}", file=sys.stderr)
-            stop.chain()   # under submitit, its own handler of that signal (requeue on its USR2) runs now
-            sys.exit(128 + stop.signum)
-        except KeyboardInterrupt:
-            print("kdlab: interrupted (Ctrl-C); run the same command again to resume from the last checkpoint",
-                  file=sys.stderr)
-            sys.exit(130)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            print(f"kdlab: error: {err.strerror} writing {err.filename or 'a file'}; the files written before "
-                  f"are intact: free space and run the same command again to resume", file=sys.stderr)
-            sys.exit(2)
-
-    multirun_flag_first()
-    refuse_null_groups(sys.argv[1:])
-    main()
-
-
 if __name__ == "__main__":
-    cli(run, "config")
+    main(run, "config")

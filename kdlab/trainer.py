@@ -28,7 +28,7 @@ from kdlab.checkpoint import KEEP, atomic_dir, load_checkpoint, recover_dir, res
 from kdlab.data import batches
 from kdlab import distributed
 from kdlab.preemption import StopSignals
-from kdlab.evaluation import evaluate, test_loss
+from kdlab.metrics.evaluate import evaluate, test_loss
 from kdlab.modeling import sparse_tied_embedding_grad
 
 
@@ -207,7 +207,7 @@ class Trainer:
         cfg = self.cfg.eval.copy()
         cfg.do_sample = False
         student = self.method.student
-        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime, self.vocab_size,
+        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime,
                           desc=f"valid@{step}")
         metrics = {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
                    "valid/loss": result["loss"]}
@@ -229,7 +229,7 @@ class Trainer:
         if self.runtime.evaluates:
             student = self.method.student
             loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
-                             self.runtime.autocast(), self.vocab_size)
+                             self.runtime.autocast())
             metrics[f"valid/{name}_loss"] = loss
             if loss < self.phase_best_loss:
                 self.phase_best_loss = loss

@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from kdlab.config import ConfigError
-from kdlab.run import CONF_DIR, validate_config
+from kdlab.cli import CONF_DIR, validate_config
 
 from conftest import run_kdlab
 

@@ -23,7 +23,7 @@ def compose(*overrides):
 @pytest.mark.parametrize("method", ["minillm", "dpkd", "okd"])
 def test_methods_that_cannot_refuse_before_loading(method):
     from kdlab.config import ConfigError
-    from kdlab.run import validate_config
+    from kdlab.cli import validate_config
 
     cfg = compose("student=tiny-bytes", f"method={method}", "divergence=uld")
     with pytest.raises(ConfigError, match=f"method={method} cannot distil across tokenizers: .*use method=kd"):
@@ -32,7 +32,7 @@ def test_methods_that_cannot_refuse_before_loading(method):
 
 def test_cross_tokenizer_config_refusals():
     from kdlab.config import ConfigError
-    from kdlab.run import validate_config
+    from kdlab.cli import validate_config
 
     validate_config(compose("student=tiny-bytes", "divergence=uld"))
     validate_config(compose("student=tiny-bytes", "divergence=uld_hybrid", "method=sft"))

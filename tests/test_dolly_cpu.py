@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kdlab.run import CONF_DIR, validate_config
+from kdlab.cli import CONF_DIR, validate_config
 
 METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "okd"]
 

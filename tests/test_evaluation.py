@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, run_kdlab
 from kdlab.data import collate, encode
-from kdlab import evaluation
-from kdlab.evaluation import evaluate, generate_texts
+from kdlab.metrics import evaluate as evaluation
+from kdlab.metrics.evaluate import evaluate, generate_texts
 from kdlab.hardware import Runtime
 from kdlab.metrics import exaccerr, exaccerr_from_regrets
 from kdlab.student import build_student
@@ -78,7 +78,7 @@ def test_analysis_matches_a_per_example_reference(models):
     teacher, student, tok, items = models
     vocab = len(tok)
     cfg = eval_cfg()
-    res = evaluate(student, tok, items, cfg, RUNTIME, vocab, teacher=teacher)
+    res = evaluate(student, tok, items, cfg, RUNTIME, teacher=teacher)
     q, p = reference_rows(student, items, vocab), reference_rows(teacher, items, vocab)
     gold = torch.tensor([t for it in items for t in it.response_ids])
     log_p, log_q = p.log_softmax(-1), q.log_softmax(-1)
@@ -98,7 +98,7 @@ def test_analysis_matches_a_per_example_reference(models):
         assert b["unc_low"] <= b["unc_mean"] <= b["unc_high"]
     assert res["unc_buckets"][0]["unc_high"] == pytest.approx(median.item(), rel=1e-6)
     # ExAccErr: the metrics' Monte-Carlo estimator on the same prompts (ordered by length) and seed
-    one_batch = evaluate(student, tok, items, eval_cfg(batch_size=8), RUNTIME, vocab, teacher=teacher)
+    one_batch = evaluate(student, tok, items, eval_cfg(batch_size=8), RUNTIME, teacher=teacher)
     batch = collate(sorted(items, key=lambda it: (len(it.prompt_ids), len(it.response_ids))), tok.pad_token_id)
     ref = exaccerr(student, teacher, batch.prompt_ids, batch.prompt_mask, lengths=[2, 4], num_samples=2,
                    seed=cfg.seeds[0], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=vocab)
@@ -123,7 +123,7 @@ def test_test_loss_is_the_mean_token_nll(models):
     q = reference_rows(student, items, len(tok))
     gold = torch.tensor([t for it in items for t in it.response_ids])
     expected = F.cross_entropy(q, gold).item()
-    loss = evaluation.test_loss(student, items, tok, 4, RUNTIME.device, RUNTIME.autocast(), len(tok))
+    loss = evaluation.test_loss(student, items, tok, 4, RUNTIME.device, RUNTIME.autocast())
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -131,7 +131,7 @@ def test_analysis_only_for_students_with_the_analysis_on(models):
     teacher, student, tok, items = models
     assert "top1" not in evaluate(student, tok, items, eval_cfg(), RUNTIME, len(tok), teacher=None)
     off = eval_cfg(analysis={"enabled": False})
-    assert "top1" not in evaluate(student, tok, items, off, RUNTIME, len(tok), teacher=teacher)
+    assert "top1" not in evaluate(student, tok, items, off, RUNTIME, teacher=teacher)
     capped = evaluate(student, tok, items, eval_cfg(analysis={"max_examples": 2}), RUNTIME, len(tok), teacher=teacher)
     assert capped["analysis_examples"] == 2
     assert capped["analysis_tokens"] == sum(len(it.response_ids) for it in items[:2])
@@ -141,11 +141,10 @@ def test_sampled_evaluation_is_reproducible_per_seed(models):
     _, student, tok, items = models
     cfg = eval_cfg(do_sample=True, seeds=[3, 7], analysis={"enabled": False})
     rng = torch.get_rng_state()
-    first = evaluate(student, tok, items, cfg, RUNTIME, len(tok), with_loss=False)
+    first = evaluate(student, tok, items, cfg, RUNTIME)
     assert torch.equal(torch.get_rng_state(), rng), "evaluation must not move the global RNG"
-    again = evaluate(student, tok, items, cfg, RUNTIME, len(tok), with_loss=False)
-    alone = evaluate(student, tok, items, eval_cfg(do_sample=True, seeds=[7], analysis={"enabled": False}), RUNTIME,
-                     len(tok), with_loss=False)
+    again = evaluate(student, tok, items, cfg, RUNTIME)
+    alone = evaluate(student, tok, items, eval_cfg(do_sample=True, seeds=[7], analysis={"enabled": False}), RUNTIME)
     assert set(first["per_seed"]) == {"3", "7"}
     assert first["per_seed"] == again["per_seed"] and first["samples"] == again["samples"]
     assert alone["per_seed"]["7"] == first["per_seed"]["7"]

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from kdlab.run import CONF_DIR, validate_config
+from kdlab.cli import CONF_DIR, validate_config
 
 ROOT = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))

@@ -124,7 +124,7 @@ def plan(wheelhouse: Path) -> list[tuple[str, int, list[str]]]:
 def test_the_steps_are_every_method_in_bf16_on_cuda_zero2_zero3_and_the_benchmarks(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from kdlab.run import CONF_DIR, validate_config
+    from kdlab.cli import CONF_DIR, validate_config
 
     steps = plan(tmp_path)
     methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))

@@ -124,7 +124,7 @@ def test_eval_datasets_list_and_mapping_forms():
     (["eval.datasets=[sni,poetry]"], "eval.datasets.poetry: 'poetry' is not a dataset"),
 ])
 def test_eval_dataset_entries_are_validated_before_the_job(overrides, match):
-    from kdlab.run import validate_config
+    from kdlab.cli import validate_config
 
     with pytest.raises(ConfigError, match=match):
         validate_config(composed("+experiment=smoke", *overrides))
@@ -251,7 +251,7 @@ def test_a_broken_model_folder_is_one_line(saved_model, tmp_path, damage, match)
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
     from kdlab.data import encode
-    from kdlab.teacher_cache import build_cache
+    from kdlab.teacher.topk_cache import build_cache
 
     tok = byte_tokenizer()
     teacher = random_model(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml").random, len(tok)).eval()
@@ -270,7 +270,7 @@ def built_cache(tmp_path_factory):
     ("missing_shard", r"indices-00000.npy is missing or damaged \(FileNotFoundError"),
 ])
 def test_a_broken_teacher_cache_is_one_line(built_cache, tmp_path, damage, match):
-    from kdlab.teacher_cache import TeacherCache
+    from kdlab.teacher.topk_cache import TeacherCache
 
     folder = copy_of(built_cache, tmp_path / "c")
     TeacherCache(folder)   # sound before the damage
@@ -303,7 +303,7 @@ def test_a_batch_larger_than_the_training_rows_stops_before_any_model_loads(tmp_
 
 def test_the_smoke_experiment_caps_any_dataset_and_keeps_its_synthetic_rows():
     from kdlab.data.synthetic import make_synthetic
-    from kdlab.run import validate_config
+    from kdlab.cli import validate_config
 
     dolly = SHARED_DATA / "dolly-1k"
     cfg = composed("+experiment=smoke", "dataset=jsonl", f"dataset.path={dolly}")
@@ -318,7 +318,7 @@ def test_the_smoke_experiment_caps_any_dataset_and_keeps_its_synthetic_rows():
 
 @pytest.mark.parametrize("arg", ["student=null", "teacher=null", "~teacher", "+dataset=null"])
 def test_removing_a_required_group_is_one_line(arg, capsys):
-    from kdlab.run import refuse_null_groups
+    from kdlab.cli import refuse_null_groups
 
     refuse_null_groups(["+experiment=smoke", "method=kd"])   # ordinary overrides pass
     with pytest.raises(SystemExit) as exit_:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kdlab.run import CONF_DIR, validate_config
+from kdlab.cli import CONF_DIR, validate_config
 
 ROOT = Path(CONF_DIR).parent
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))

@@ -362,7 +362,7 @@ def test_the_table_experiment_is_the_papers_app_b_setting(setup):
     from hydra import compose, initialize_config_dir
 
     from kdlab.methods.base import Context
-    from kdlab.run import CONF_DIR, validate_config
+    from kdlab.cli import CONF_DIR, validate_config
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=minillm-table", "hardware=cpu"])

@@ -11,7 +11,7 @@ from conftest import run_kdlab
 from kdlab.data import collate
 from kdlab.divergences import build_divergence
 from kdlab.methods.seqkd import SeqKD
-from kdlab.run import CONF_DIR
+from kdlab.cli import CONF_DIR
 from test_teacher_cache import V, context, kd_method, synthetic_items, tiny_student, tiny_teacher  # noqa: F401
 
 

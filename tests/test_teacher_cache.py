@@ -1,4 +1,4 @@
-"""The cached teacher (kdlab.teacher_cache, `python -m kdlab.cache_teacher`, `teacher.cache=`) and
+"""The cached teacher (kdlab.teacher.topk_cache, `python -m kdlab.cache_teacher`, `teacher.cache=`) and
 teachers whose LM head has padding rows beyond the tokenizer's vocabulary."""
 import json
 
@@ -17,8 +17,8 @@ from kdlab.hardware import Runtime
 from kdlab.methods.base import Context
 from kdlab.methods.kd import KD
 from kdlab.modeling import byte_tokenizer, freeze, random_model
-from kdlab.run import CONF_DIR, validate_config
-from kdlab.teacher_cache import TeacherCache, build_cache, key_components
+from kdlab.cli import CONF_DIR, validate_config
+from kdlab.teacher.topk_cache import TeacherCache, build_cache, key_components
 
 V = 257  # the byte tokenizer: 256 bytes + end-of-text
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from conftest import ROOT, kdlab_env, run_kdlab
 from kdlab.config import ConfigError
 from kdlab.data import Encoded
-from kdlab.run import CONF_DIR
+from kdlab.cli import CONF_DIR
 from kdlab.teacher import validate_teacher
-from kdlab.teacher_finetune import DEFAULTS, teacher_key
+from kdlab.teacher.finetune import DEFAULTS, teacher_key
 
 FT = "teacher.finetune={max_steps:8,lr:3e-3,batch_size:4,save_every:4}"
 TRAINED = "kdlab: fine-tuning teacher"
@@ -149,10 +149,10 @@ def test_teacher_row_evaluates_the_published_teacher(tmp_path):
 def test_lora_mode_publishes_the_merged_teacher(tmp_path):
     from kdlab.hardware import setup_runtime
     from kdlab.modeling import load_model
-    from kdlab.run import prompt_template
+    from kdlab.data import prompt_template
     from kdlab.data import encode, load_splits
     from kdlab.teacher import load_teacher
-    from kdlab.teacher_finetune import finetuned_teacher
+    from kdlab.teacher.finetune import finetuned_teacher
 
     cfg = config("+teacher.finetune.mode=lora", f"output_dir={tmp_path}", "teacher.finetune.lr=1e-2")
     runtime = setup_runtime(cfg.hardware)

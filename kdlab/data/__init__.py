@@ -39,6 +39,17 @@ def format_prompt(example: dict, template: str, tokenizer=None) -> str:
                                          add_generation_prompt=True)
 
 
+def prompt_template(cfg) -> str:
+    """The student side's template: ``dataset.template``, or with ``auto`` the teacher's (the two share a
+    tokenizer), or across tokenizers (divergence=uld) the student's own; the teacher then renders its own
+    (:mod:`kdlab.alignment`). ``cfg`` may lack a divergence section (``kdlab.cache_teacher``)."""
+    from kdlab.divergences import is_cross_tokenizer
+
+    cross = "divergence" in cfg and is_cross_tokenizer(cfg.divergence.name)
+    own = cfg.student if cross else cfg.teacher
+    return own.template if cfg.dataset.template == "auto" else cfg.dataset.template
+
+
 @dataclass
 class Encoded:
     prompt_ids: list[int]

@@ -55,7 +55,7 @@ class Context:
     runtime: object
     train_cfg: object
     vocab_size: int
-    teacher_cache: object = None        # a kdlab.teacher_cache.TeacherCache when teacher.cache is set
+    teacher_cache: object = None        # a kdlab.teacher.topk_cache.TeacherCache when teacher.cache is set
     cross_tokenizer: object = None      # a kdlab.alignment.CrossTokenizer when the divergence is (divergence=uld)
 
 

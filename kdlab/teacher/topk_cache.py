@@ -65,7 +65,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def key_components(cfg, tokenizer) -> dict:
     """What cached top-k log-probs depend on, from a run's (or ``cache_teacher``'s) config."""
-    from kdlab.run import prompt_template
+    from kdlab.data import prompt_template
 
     teacher = {k: v for k, v in plain(cfg.teacher).items() if k != "cache"}
     dataset = dict(plain(cfg.dataset))

@@ -108,8 +108,8 @@ def validate_finetune(key: str, value) -> None:
 
 def key_components(cfg, train_items) -> dict:
     """What a fine-tuned teacher depends on (and nothing it does not: no method, no job seed)."""
-    from kdlab.run import prompt_template
-    from kdlab.teacher_cache import data_hash
+    from kdlab.data import prompt_template
+    from kdlab.teacher.topk_cache import data_hash
 
     teacher = {k: v for k, v in plain(cfg.teacher).items() if k not in ("cache", "finetune")}
     finetune = {k: v for k, v in settings(cfg.teacher.finetune).items() if k != "save_every"}

@@ -90,7 +90,7 @@ def chunks(items, size):
 
 
 @torch.no_grad()
-def test_loss(model, encoded, tokenizer, batch_size: int, device, autocast, vocab_size: int) -> float:
+def test_loss(model, encoded, tokenizer, batch_size: int, device, autocast) -> float:
     """Token-level mean NLL of the gold responses (teacher forcing), LM head at response positions only."""
     was_training = model.training
     model.eval()
@@ -98,7 +98,7 @@ def test_loss(model, encoded, tokenizer, batch_size: int, device, autocast, voca
     for part in chunks(encoded, batch_size):
         batch = collate(part, tokenizer.pad_token_id).to(device)
         with autocast:
-            logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.response_mask, vocab_size)
+            logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.response_mask, len(tokenizer))
         total += F.cross_entropy(logits.float(), batch.labels[batch.response_mask], reduction="sum").item()
         count += int(batch.response_mask.sum())
     model.train(was_training)
@@ -138,7 +138,7 @@ def pooled_increments(regrets: list[tuple[int, list[float], list[float]]]) -> tu
 
 
 @torch.no_grad()
-def analysis(student, teacher, tokenizer, encoded, cfg, runtime, vocab_size: int, batch_size: int,
+def analysis(student, teacher, tokenizer, encoded, cfg, runtime, batch_size: int,
              seed: int = 0) -> dict:
     """Teacher-forcing analysis of ``student`` against ``teacher`` (OKD, Rao et al. 2024, Sec. 3).
 
@@ -165,7 +165,7 @@ def analysis(student, teacher, tokenizer, encoded, cfg, runtime, vocab_size: int
     longest = max(cfg.exaccerr_lengths)
     # Batches of similar lengths waste little compute on padding; the metrics are order-free means.
     by_length = sorted(items, key=lambda it: (len(it.prompt_ids), len(it.response_ids)))
-    pad = tokenizer.pad_token_id
+    pad, vocab_size = tokenizer.pad_token_id, len(tokenizer)
     modes = [(m, m.training) for m in (student, teacher)]
     for m, _ in modes:
         m.eval()
@@ -205,8 +205,7 @@ def analysis(student, teacher, tokenizer, encoded, cfg, runtime, vocab_size: int
     }
 
 
-def evaluate(model, tokenizer, encoded, cfg, runtime, vocab_size: int, desc: str = "eval",
-             with_loss: bool = True, teacher=None) -> dict:
+def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teacher=None) -> dict:
     """Metrics of ``model`` on ``encoded`` examples; ``cfg`` is the ``eval`` config section.
 
     With ``teacher`` (a student row) and ``cfg.analysis.enabled``, the teacher-forcing analysis
@@ -227,14 +226,21 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, vocab_size: int, desc: str
         result["rougeL_per_seed"] = [s["rougeL"] for s in runs]
     result["samples"] = runs[0]["samples"]
     result["num_examples"] = len(encoded)
-    if with_loss:
-        result["loss"] = test_loss(model, encoded, tokenizer, cfg.batch_size, runtime.device, runtime.autocast(),
-                                   vocab_size)
+    result["loss"] = test_loss(model, encoded, tokenizer, cfg.batch_size, runtime.device, runtime.autocast())
     analysis_cfg = cfg.get("analysis")
     if teacher is not None and analysis_cfg is not None and analysis_cfg.enabled and encoded:
-        result.update(analysis(model, teacher, tokenizer, encoded, analysis_cfg, runtime, vocab_size,
-                               cfg.batch_size, seed=int(cfg.seeds[0]) if cfg.seeds else 0))
+        result.update(analysis(model, teacher, tokenizer, encoded, analysis_cfg, runtime, cfg.batch_size, seed=int(cfg.seeds[0]) if cfg.seeds else 0))
     return result
+
+
+def results_table(evals: dict) -> str:
+    """Markdown table of ROUGE-L, exact match and test loss per model and dataset."""
+    rows = ["| model | dataset | ROUGE-L | EM | loss |", "|---|---|---:|---:|---:|"]
+    for model, per_data in evals.items():
+        for data, m in per_data.items():
+            loss = f"{m['loss']:.3f}" if "loss" in m else "-"
+            rows.append(f"| {model} | {data} | {m['rougeL']:.2f} | {m['exact_match']:.2f} | {loss} |")
+    return "\n".join(rows)
 
 
 def analysis_table(evals: dict) -> str:

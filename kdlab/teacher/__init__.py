@@ -1,12 +1,12 @@
 """The teacher group: a frozen causal LM loaded from a folder, a package, the hub, or random init, optionally
-fine-tuned on the training split first (``finetune``, :mod:`kdlab.teacher_finetune`)."""
+fine-tuned on the training split first (``finetune``, :mod:`kdlab.teacher.finetune`)."""
 from __future__ import annotations
 
 import torch
 
 from kdlab.config import Type, check_section
 from kdlab.modeling import SOURCE_SCHEMA, RANDOM_SCHEMA, freeze, load_model, load_tokenizer
-from kdlab.teacher_finetune import validate_finetune
+from kdlab.teacher.finetune import validate_finetune
 
 SCHEMA = {**SOURCE_SCHEMA, "cache": Type(str, optional=True), "finetune": validate_finetune}
 
