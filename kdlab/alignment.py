@@ -266,13 +266,12 @@ REFUSALS = {
 }
 
 
-def check_config(cfg) -> None:
-    """Refuse, before anything loads, what a cross-tokenizer divergence cannot do (one line each)."""
+def check_config(cfg, method) -> None:
+    """Refuse, before anything loads, what a cross-tokenizer divergence cannot do with ``method`` (the
+    class of ``cfg.method.name``), one line each."""
     from kdlab.divergences import is_cross_tokenizer
-    from kdlab.methods import method_class
 
     name, div = cfg.method.name, cfg.divergence.name
-    method = method_class(name)
     if not is_cross_tokenizer(div) or not method.needs_teacher:
         return
     if not method.cross_tokenizer:
@@ -288,13 +287,3 @@ def check_config(cfg) -> None:
         raise ConfigError(f"method.alpha={cfg.method.alpha} does not apply with divergence={div}: its loss is "
                           f"distill_weight * ULD + ce_weight * MLE; set divergence.ce_weight / "
                           f"divergence.distill_weight instead (and leave method.alpha at 0.5)")
-
-
-def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(student_ids, teacher_ids)`` of the tokens whose strings are in both vocabularies (GOLD's
-    hybrid mapping, ``ULDLoss._initialize_vocabulary_mapping``), sorted by teacher id."""
-    s_vocab = student_tok.get_vocab()
-    pairs = sorted((t_id, s_vocab[tok]) for tok, t_id in teacher_tok.get_vocab().items()
-                   if tok in s_vocab and t_id < len(teacher_tok) and s_vocab[tok] < len(student_tok))
-    return (torch.tensor([s for _, s in pairs], dtype=torch.long),
-            torch.tensor([t for t, _ in pairs], dtype=torch.long))

@@ -41,7 +41,7 @@ OmegaConf.register_new_resolver("kdlab.dirname", _dirname, replace=True)
 def validate_config(cfg) -> None:
     """Check every group before anything is loaded; raises :class:`ConfigError`."""
     from kdlab.alignment import check_config as check_cross_tokenizer
-    from kdlab.data import validate_dataset
+    from kdlab.data import eval_dataset_cfgs, validate_dataset
     from kdlab.divergences import DIVERGENCES, validate_divergence
     from kdlab.hardware import validate_hardware
     from kdlab.loggers import validate_logger
@@ -61,23 +61,16 @@ def validate_config(cfg) -> None:
     validate_train(cfg.train)
     validate_eval(cfg.eval)
     eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
-    check_cross_tokenizer(cfg)
+    method = method_class(cfg.method.name)
+    check_cross_tokenizer(cfg, method)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
-    method = method_class(cfg.method.name)
     if cfg.teacher.get("cache") and method.needs_teacher and not method.uses_teacher_cache:
         raise ConfigError(f"method={cfg.method.name} needs the live teacher during training, not a cached one "
                           f"(teacher.cache works with off-policy methods such as kd); set teacher.cache=null")
     if cfg.teacher.get("cache") and method.uses_teacher_cache and not DIVERGENCES[cfg.divergence.name].supports_topk:
         raise ConfigError(f"divergence={cfg.divergence.name} needs the teacher's full distribution, which a cached "
                           f"top-k teacher does not have; set teacher.cache=null or pick another divergence")
-
-
-def eval_dataset_cfgs(cfg) -> dict:
-    """The training dataset's test split plus every ``eval.datasets`` entry (:func:`kdlab.data.eval_datasets`)."""
-    from kdlab.data import eval_datasets
-
-    return {cfg.dataset.name: cfg.dataset, **eval_datasets(cfg.eval.datasets, cfg.dataset, CONF_DIR)}
 
 
 def check_same_job(cfg, run_dir: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
-from kdlab.distributed import STRATEGIES, dist_env, init_process_group, local_env
+from kdlab.distributed import STRATEGIES, dist_env, init_process_group, local_env, zero3_model_init
 
 SCHEMA = {
     "device": OneOf("cpu", "cuda"),
@@ -84,6 +84,15 @@ def setup_runtime(cfg) -> Runtime:
     # weights for the optimizer and computes under autocast in that dtype on a GPU (all fp32 on the CPU).
     return Runtime(device=device, dtype=getattr(torch, cfg.dtype), rank=rank, world_size=world, strategy=strategy,
                    cfg=cfg)
+
+
+def start_runtime(cfg) -> Runtime:
+    """The job's runtime (``cfg.hardware``), seeded with ``cfg.seed``; under ZeRO-3 registered so that models
+    are created already sharded (:func:`kdlab.distributed.zero3_model_init`)."""
+    runtime = setup_runtime(cfg.hardware)
+    zero3_model_init(runtime, cfg.train)
+    seed_everything(cfg.seed)
+    return runtime
 
 
 def seed_everything(seed: int) -> None:

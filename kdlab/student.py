@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kdlab.config import ConfigError, OneOf, Range, check_section
-from kdlab.modeling import (RANDOM_SCHEMA, SOURCE_SCHEMA, check_vocabularies, layer_list, load_model,
+from kdlab import distributed
+from kdlab.modeling import (RANDOM_SCHEMA, SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_model,
                             load_tokenizer, source_kind)
+from kdlab.teacher import load_teacher
 
 SCHEMA = {
     **SOURCE_SCHEMA,
@@ -77,3 +80,55 @@ def build_student(cfg, teacher: nn.Module, teacher_tokenizer, teacher_name: str,
     check_vocabularies(teacher_tokenizer, tokenizer, teacher_name, cfg.name)
     model = load_model(cfg, "student", dtype, vocab_size=len(teacher_tokenizer))
     return model.train(), teacher_tokenizer
+
+
+@dataclass
+class Models:
+    """A job's models, on its device."""
+    teacher: nn.Module | None     # None: a cached teacher stands in (teacher.cache), or kdlab.eval needs none
+    student: nn.Module
+    tokenizer: object             # the student's: the teacher's too, unless across tokenizers
+    teacher_tokenizer: object | None
+
+
+def load_models(cfg, runtime, *, with_teacher: bool = True, checkpoint: bool = False, cross: bool = False) -> Models:
+    """The teacher as loaded (frozen; sharded under ZeRO-3) and the student built from ``cfg.student``, in fp32.
+
+    ``with_teacher=False`` keeps no teacher in memory (``teacher.cache``; ``kdlab.eval`` without a teacher row
+    or analysis): it is loaded only to cut a ``teacher_layers`` student from it. ``checkpoint`` (``kdlab.eval``):
+    ``student.path`` is a trained student, loaded with its own tokenizer whatever ``student.init`` says.
+    ``cross``: the student keeps its own tokenizer (a cross-tokenizer divergence). Availability is checked
+    first, so a model that is neither cached nor reachable stops the job in seconds.
+    """
+    cut = cfg.student.init == "teacher_layers" and not (checkpoint and cfg.student.path)
+    if with_teacher or cut:
+        check_available(cfg.teacher, "teacher")
+    if not cut:
+        check_available(cfg.student, "student")
+    if with_teacher or cut:
+        teacher, teacher_tokenizer = load_teacher(cfg.teacher, runtime.dtype)
+    else:
+        teacher, teacher_tokenizer = None, None if checkpoint else load_tokenizer(cfg.teacher, "teacher")
+    if checkpoint and not cut:
+        tokenizer = load_tokenizer(cfg.student, "student")
+        if teacher_tokenizer is not None:
+            check_vocabularies(teacher_tokenizer, tokenizer, cfg.teacher.name, cfg.student.path or cfg.student.name)
+        student = load_model(cfg.student, "student", torch.float32, vocab_size=len(tokenizer))
+    else:
+        student, tokenizer = build_student(cfg.student, teacher, teacher_tokenizer, cfg.teacher.name, torch.float32,
+                                           own_tokenizer=cross)
+    if not with_teacher:
+        teacher = None
+    elif runtime.strategy == "zero3":
+        teacher = distributed.shard_teacher(teacher.to(runtime.device), distributed.teacher_deepspeed_config(
+            cfg.hardware.dtype, cfg.train, runtime.world_size))
+    else:
+        teacher.to(runtime.device)
+    return Models(teacher, student.to(runtime.device), tokenizer, teacher_tokenizer)
+
+
+def load_student(folder, runtime) -> nn.Module:
+    """A student saved by a job (``student/``, ``student_best/``), in fp32 on ``runtime``'s device."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(runtime.device)

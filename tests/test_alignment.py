@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from kdlab.alignment import (CrossTokenizer, Group, align, align_response, group_rows, shared_vocabulary,
+from kdlab.divergences.uld import shared_vocabulary
+from kdlab.alignment import (CrossTokenizer, Group, align, align_response, group_rows,
                              token_bytes)
 from kdlab.data import Encoded, collate, format_prompt
 from kdlab.modeling import byte_tokenizer

@@ -137,6 +137,52 @@ def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict,
     return items, counts, [n for n in notes if n]
 
 
+def eval_dataset_cfgs(cfg) -> dict:
+    """The job's test sets as dataset configs: the training dataset's test split plus every
+    ``eval.datasets`` entry (:func:`kdlab.data.sources.eval_datasets`), by name."""
+    return {cfg.dataset.name: cfg.dataset, **eval_datasets(cfg.eval.datasets, cfg.dataset)}
+
+
+def load_training_splits(cfg) -> dict:
+    """The ``dataset`` group's train, valid and test rows (all three required), checked against
+    ``train.batch_size``."""
+    splits = load_splits(cfg.dataset, cfg.seed)
+    for split in ("train", "valid", "test"):
+        if not splits.get(split):
+            raise ConfigError(f"dataset={cfg.dataset.name} has no {split} split; training needs train, valid and "
+                              f"test (e.g. dataset=dolly dataset.path=../shared/data/dolly-1k)")
+    check_batch_size(cfg.train.batch_size, len(splits["train"]), f"{len(splits['train'])} rows")
+    return splits
+
+
+@dataclass
+class JobSets:
+    """A job's encoded sets. Across tokenizers the teacher is fine-tuned and evaluated on its own
+    tokenization and template (``teacher_train``, ``teacher_test``); otherwise those are the student's."""
+    train: list[Encoded] | None
+    valid: list[Encoded] | None
+    test: dict[str, list[Encoded]]
+    counts: dict                      # results.json's ``data``: what each set's limits cost
+    teacher_train: list[Encoded] | None = None
+    teacher_test: dict[str, list[Encoded]] | None = None
+
+
+def encode_job_sets(cfg, tokenizer, teacher_tokenizer, splits: dict | None, test_sets: dict, cross: bool,
+                    say: bool = True) -> JobSets:
+    """:func:`encode_sets` for the student side (``splits=None``: test sets only) and, across tokenizers
+    (``cross``), the teacher side; a set that lost rows to its limits is said once when ``say``."""
+    template = (cfg.student if cross else cfg.teacher).template
+    items, counts, notes = encode_sets(cfg, tokenizer, splits, test_sets, template)
+    if say and notes:
+        print("\n".join(notes))
+    sets = JobSets(items.get("train"), items.get("valid"), items["test"], counts, items.get("train"), items["test"])
+    if cross:
+        teacher_items = encode_sets(cfg, teacher_tokenizer, splits if cfg.teacher.get("finetune") else None,
+                                    test_sets, cfg.teacher.template)[0]
+        sets.teacher_train, sets.teacher_test = teacher_items.get("train"), teacher_items["test"]
+    return sets
+
+
 @dataclass
 class Batch:
     """A training batch; see docs/DESIGN.md for the meaning of each field."""

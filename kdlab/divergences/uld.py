@@ -42,6 +42,9 @@ import torch
 
 from kdlab.config import OneOf, Range
 from kdlab.divergences.base import project
+from kdlab.divergences.losses import ForwardKL, GeneralizedJSD, ReverseKL
+
+MATCHED = {"fkl": ForwardKL, "rkl": ReverseKL, "jsd": GeneralizedJSD}   # uld_hybrid's divergence on shared tokens
 
 SCHEMA = {
     "tau": Range(0, low_open=True),
@@ -49,6 +52,16 @@ SCHEMA = {
     "ce_weight": Range(0),
     "distill_weight": Range(0),
 }
+
+
+def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(student_ids, teacher_ids)`` of the tokens whose strings are in both vocabularies (GOLD's
+    hybrid mapping, ``ULDLoss._initialize_vocabulary_mapping``), sorted by teacher id."""
+    s_vocab = student_tok.get_vocab()
+    pairs = sorted((t_id, s_vocab[tok]) for tok, t_id in teacher_tok.get_vocab().items()
+                   if tok in s_vocab and t_id < len(teacher_tok) and s_vocab[tok] < len(student_tok))
+    return (torch.tensor([s for _, s in pairs], dtype=torch.long),
+            torch.tensor([t for t, _ in pairs], dtype=torch.long))
 
 
 class ULD:
@@ -103,17 +116,13 @@ class ULDHybrid(ULD):
     def __init__(self, matched: str = "jsd", beta: float = 0.5, matched_weight: float | None = None,
                  unmatched_weight: float | None = None, **common):
         super().__init__(**common)
-        from kdlab.divergences import build_divergence
-
         self.matched, self.beta = matched, float(beta)
         self.matched_weight, self.unmatched_weight = matched_weight, unmatched_weight
-        params = {"name": matched, "tau": self.tau, "chunk_size": self.chunk_size}
-        self._inner = build_divergence({**params, "beta": self.beta} if matched == "jsd" else params)
+        params = {"tau": self.tau, "chunk_size": self.chunk_size}
+        self._inner = MATCHED[matched](**params, beta=self.beta) if matched == "jsd" else MATCHED[matched](**params)
         self._cols = None
 
     def bind(self, student_tok, teacher_tok) -> "ULDHybrid":
-        from kdlab.alignment import shared_vocabulary
-
         s_ids, t_ids = shared_vocabulary(student_tok, teacher_tok)
         s_rest = torch.ones(len(student_tok), dtype=torch.bool)
         t_rest = torch.ones(len(teacher_tok), dtype=torch.bool)

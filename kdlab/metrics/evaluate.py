@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kdlab.checkpoint import atomic_write_json, read_json
 from kdlab.config import ConfigError, Range, Type, check_section
 from kdlab.data import collate
+from kdlab.distributed import barrier
 from kdlab.generation import generate
 from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr, exaccerr_from_regrets, rouge_l,
                            token_stats)
@@ -230,6 +233,28 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teache
     analysis_cfg = cfg.get("analysis")
     if teacher is not None and analysis_cfg is not None and analysis_cfg.enabled and encoded:
         result.update(analysis(model, teacher, tokenizer, encoded, analysis_cfg, runtime, cfg.batch_size, seed=int(cfg.seeds[0]) if cfg.seeds else 0))
+    return result
+
+
+def evaluate_sets(model, tokenizer, sets: dict, cfg, runtime, name: str, teacher=None) -> dict:
+    """``{dataset: metrics}`` of ``model`` (a row named ``name``) on every encoded test set of ``sets``."""
+    return {data: evaluate(model, tokenizer, items, cfg, runtime, desc=f"{name}/{data}", teacher=teacher)
+            for data, items in sets.items()}
+
+
+def evaluate_once(run_dir: Path, name: str, model, tokenizer, sets: dict, cfg, runtime, teacher=None) -> dict | None:
+    """:func:`evaluate_sets` measured once per job: a resumed job reuses what the interrupted one wrote to
+    ``<run_dir>/eval/<name>.json``. Rank 0 (every rank under ZeRO-3) evaluates; the other ranks wait and
+    get None."""
+    path = run_dir / "eval" / f"{name}.json"
+    result = None
+    if path.exists():
+        result = read_json(path)
+    elif runtime.evaluates:
+        result = evaluate_sets(model, tokenizer, sets, cfg, runtime, name, teacher)
+        if runtime.is_main:
+            atomic_write_json(path, result)
+    barrier()
     return result
 
 
