@@ -110,14 +110,17 @@ def test_design_has_checked_blocks():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.splitlines()[0][2:] for b in BLOCKS])
 def test_design_blocks_match_the_code(block):
+    fields: dict[tuple[str, str], set] = {}
     for module, cls, item in documented(block):
+        if isinstance(item, str):
+            fields.setdefault((module, cls), set()).add(item)
         owner = importlib.import_module(module)
         if cls is not None:
             assert hasattr(owner, cls), f"docs/DESIGN.md: {module}.{cls} does not exist"
             owner = getattr(owner, cls)
         if isinstance(item, str):   # a documented field or class attribute
-            fields = getattr(owner, "__dataclass_fields__", {})
-            assert item in fields or hasattr(owner, item), f"docs/DESIGN.md: {module}.{cls}.{item} does not exist"
+            annotated = {k for c in inspect.getmro(owner) for k in getattr(c, "__annotations__", {})}
+            assert item in annotated or hasattr(owner, item), f"docs/DESIGN.md: {module}.{cls}.{item} does not exist"
             continue
         where = f"{module}.{cls + '.' if cls else ''}{item.name}"
         assert hasattr(owner, item.name), f"docs/DESIGN.md documents {where}, which does not exist"
@@ -126,3 +129,7 @@ def test_design_blocks_match_the_code(block):
         if cls is not None and documented_params[:1] in (["self"], ["cls"]) and actual[:1] != documented_params[:1]:
             documented_params = documented_params[1:]   # bound classmethods / staticmethods
         assert documented_params == actual, f"docs/DESIGN.md: {where}{tuple(documented_params)} but the code has {tuple(actual)}"
+    for (module, cls), names in fields.items():   # a dataclass is documented whole: no field missing or extra
+        actual = getattr(getattr(importlib.import_module(module), cls), "__dataclass_fields__", None)
+        if actual is not None:
+            assert names == set(actual), f"docs/DESIGN.md: {module}.{cls} fields {sorted(names)} but the code has {sorted(actual)}"
