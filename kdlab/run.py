@@ -97,7 +97,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
         divergence = divergence.bind(tokenizer, teacher_tok)
     logger = build_logger(cfg, run_dir, runtime.is_main)
     ctx = Context(teacher=teacher, student=student, tokenizer=tokenizer, divergence=divergence,
-                  runtime=runtime, train_cfg=cfg.train, vocab_size=vocab,
+                  runtime=runtime, train_cfg=cfg.train,
                   teacher_cache=open_cache(cfg, tokenizer, train_items) if use_cache else None,
                   cross_tokenizer=CrossTokenizer(tokenizer, teacher_tok, cfg.teacher.template) if cross else None)
     method = build_method(cfg.method, ctx)
