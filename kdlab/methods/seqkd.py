@@ -54,7 +54,7 @@ GENERATION_SCHEMA = {
 
 class SeqKD(MLE):
     name = "seqkd"
-    needs_teacher = True
+    needs_teacher = True   # MLE on the responses the teacher writes (prepare_data)
     schema = {
         **Method.schema,
         "generation": Type(dict),
