@@ -81,7 +81,7 @@ def run(args: dict) -> dict:
 
     def method(cache=None):
         ctx = Context(teacher=None if cache else teacher, student=student, tokenizer=tok, divergence=divergence,
-                      runtime=runtime, train_cfg=None, vocab_size=vocab, teacher_cache=cache)
+                      runtime=runtime, train_cfg=None, teacher_cache=cache)
         kd = KD(OmegaConf.create({"name": "kd", "lr": 1e-5, "alpha": 0.5}), ctx)
         return lambda: optimizer_step(kd.loss(batch, 0).loss)
 

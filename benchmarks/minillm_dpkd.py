@@ -44,7 +44,7 @@ def run(args: dict) -> dict:
     data_cfg = OmegaConf.load("conf/dataset/synthetic.yaml")
     data_cfg.sizes = {"train": 64, "valid": 8, "test": 8}
     items = encode(load_splits(data_cfg, 1)["train"], tok, "chat", 256, 512)
-    ctx = Context(teacher, student, tok, None, None, None, len(tok))
+    ctx = Context(teacher, student, tok, None, None, None)
 
     def method(name, **overrides):
         cfg = OmegaConf.load(f"conf/method/{name}.yaml")

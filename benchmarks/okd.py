@@ -117,8 +117,7 @@ def run(args: dict) -> dict:
         runtime = Runtime(torch.device("cpu"), torch.float32,
                           cfg=OmegaConf.create({"teacher_checkpointing": checkpointing}))
         ctx = Context(teacher=copy.deepcopy(teacher), student=copy.deepcopy(student), tokenizer=tok,
-                      divergence=build_divergence({"name": "fkl"}), runtime=runtime, train_cfg=None,
-                      vocab_size=vocab)
+                      divergence=build_divergence({"name": "fkl"}), runtime=runtime, train_cfg=None)
         return build_method(cfg, ctx)
 
     kd_cfg = OmegaConf.load("conf/method/kd.yaml")

@@ -54,7 +54,7 @@ def kdlab_method(name: str, teacher, student, tok, args: dict, **cfg):
 
     div = build_divergence({"name": "jsd", "beta": args["beta"]})
     ctx = Context(teacher=teacher, student=student, tokenizer=tok, divergence=div, runtime=None,
-                  train_cfg=OmegaConf.create({"max_steps": 100}), vocab_size=len(tok))
+                  train_cfg=OmegaConf.create({"max_steps": 100}))
     cfg = OmegaConf.create({"name": name, "lr": 1e-5, **cfg})
     cls = method_class(name)
     cls.validate(cfg)
@@ -69,7 +69,7 @@ class Floor:
 
         self.method = Method.__new__(Method)
         self.method.teacher, self.method.student = teacher, student
-        self.method.ctx = type("Ctx", (), {"vocab_size": vocab})()
+        self.method.vocab_size = vocab
 
     def loss(self, batch, step):
         from kdlab.methods.base import LossOutput

@@ -13,7 +13,8 @@ Two samplers, both batched over left-padded prompts with KV caches and an EOS st
   ``generate`` samples from a single model.
 
 Both return :class:`Generated` (token ids, masks, per-token log-probs); :func:`to_batch` turns it into
-a training :class:`kdlab.data.Batch`. A faster backend (e.g. vLLM on GPU) only has to provide the
+a training :class:`kdlab.data.Batch`, and :func:`sample_student` is the on-policy methods' one way to
+replace a batch's responses (all or some rows) by the student's samples. A faster backend (e.g. vLLM on GPU) only has to provide the
 same ``(prompt_ids, prompt_mask) -> Generated`` mapping.
 
 Randomness: with ``seed`` the draw comes from a generator seeded by it; without, the seed is drawn
@@ -248,9 +249,34 @@ def to_batch(generated: Generated, pad_id: int, examples=None):
     return collate(encoded_rows(generated, examples), pad_id).to(generated.prompt_ids.device)
 
 
-def sample_student(student, tokenizer, batch, cfg):
-    """The student's own responses to ``batch``'s prompts (sampling keys of :data:`SAMPLING_SCHEMA` from
-    ``cfg``; seed drawn from the training RNG), as a training batch."""
-    out = generate(student, tokenizer, batch.prompt_ids, batch.prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                   do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    return to_batch(out, tokenizer.pad_token_id, batch.examples)
+def sampling_settings(cfg) -> dict:
+    """The :data:`SAMPLING_SCHEMA` keys of a method's config, as keyword arguments of :func:`sample_student`."""
+    return {key: cfg[key] for key in SAMPLING_SCHEMA}
+
+
+def sample_student(student, tokenizer, batch, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, rows: torch.Tensor | None = None):
+    """``batch`` with the gold responses of the rows flagged in ``rows`` (bool ``(B,)``; None: every row)
+    replaced by the student's own samples for the same prompts: the on-policy data of GKD, ImitKD and
+    DPKD, as a training :class:`kdlab.data.Batch` laid out like a data batch (the other rows unchanged).
+
+    One :func:`generate` call on the flagged prompts draws its seed from the global torch RNG, which
+    checkpoints save, so a resumed run repeats the samples. The samples are token ids: no gradient flows
+    through sampling, only through the logits the caller then computes on them."""
+    from kdlab.data import Encoded, collate
+
+    if rows is None:
+        prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+    else:
+        picked = rows.nonzero().squeeze(1)
+        prompt_ids, prompt_mask = batch.prompt_ids[picked], batch.prompt_mask[picked]
+    out = generate(student, tokenizer, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                   temperature=temperature, top_p=top_p, top_k=top_k)
+    flags = [True] * len(batch) if rows is None else rows.tolist()
+    examples = batch.examples or [{}] * len(batch)
+    sampled = iter(encoded_rows(out, [ex for ex, flag in zip(examples, flags) if flag]))
+    items = [next(sampled) if flag else
+             Encoded(batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist(),
+                     batch.labels[i][batch.response_mask[i]].tolist(), examples[i])
+             for i, flag in enumerate(flags)]
+    return collate(items, tokenizer.pad_token_id).to(batch.input_ids.device)

@@ -40,7 +40,7 @@ def tiny_method(name: str, setup, **overrides):
     cfg.merge_with(overrides)
     cls = method_class(name)
     cls.validate(cfg)
-    return cls(cfg, Context(teacher, student, tok, None, None, None, len(tok)))
+    return cls(cfg, Context(teacher, student, tok, None, None, None))
 
 
 def first_batch(setup, size: int, split: str = "train"):

@@ -152,7 +152,7 @@ def test_methods_across_tokenizers_equal_a_per_sequence_reference(across, name):
     cfg.pop("defaults", None)
     cfg.merge_with(overrides[name])
     method_class(name).validate(cfg)
-    method = method_class(name)(cfg, Context(teacher, student, s_tok, div, None, None, len(s_tok), cross_tokenizer=xt))
+    method = method_class(name)(cfg, Context(teacher, student, s_tok, div, None, None, cross_tokenizer=xt))
     batch = collate(items, s_tok.pad_token_id)
     captured = []
     if name != "kd":   # the sampled batch the method trained on, for the reference
@@ -200,7 +200,7 @@ def test_hybrid_bound_to_real_tokenizers_trains_through_kd(across):
     assert len(s_m) + len(s_u) == len(s_tok) and len(t_m) + len(t_u) == len(t_tok)
     assert abs(div._weights[0] - len(t_m) / len(t_tok)) < 1e-12
     cfg = OmegaConf.load(ROOT / "conf" / "method" / "kd.yaml")
-    method = method_class("kd")(cfg, Context(teacher, student, s_tok, div, None, None, len(s_tok), cross_tokenizer=xt))
+    method = method_class("kd")(cfg, Context(teacher, student, s_tok, div, None, None, cross_tokenizer=xt))
     batch = collate(items, s_tok.pad_token_id)
     student.zero_grad()
     out = method.loss(batch, 0)
@@ -227,7 +227,7 @@ def test_seqkd_across_tokenizers_trains_on_the_teachers_text(across, tmp_path):
                                        "method.generation.max_new_tokens=8", "dataset.max_length=330"]).method
     SeqKD.validate(cfg)
     runtime = SimpleNamespace(is_main=True, device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    method = SeqKD(cfg, Context(teacher, student, s_tok, div, runtime, None, len(s_tok), cross_tokenizer=xt))
+    method = SeqKD(cfg, Context(teacher, student, s_tok, div, runtime, None, cross_tokenizer=xt))
     prepared = method.prepare_data(items)
     t_tab, s_tab = token_bytes(t_tok), token_bytes(s_tok)
     for it, p in zip(items, prepared):

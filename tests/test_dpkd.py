@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from kdlab import generation
 from kdlab.methods import dpkd
 from conftest import ROOT, response_log_softmax, tiny_method
 from conftest import first_batch as shared_first_batch
 from kdlab.data import batches, encode, load_splits
 from kdlab.generation import Generated, generate, response_mask
-from kdlab.methods.dpkd import PREFERENCES, per_sequence_mean, preference_loss
+from kdlab.methods.base import per_sequence_mean
+from kdlab.methods.dpkd import PREFERENCES, PreferenceScores, preference_loss
 from kdlab.student import build_student
 from kdlab.teacher import load_teacher
 
@@ -52,14 +54,14 @@ def test_each_preference_form_against_its_formula():
     expected = {"dpkd": softplus(-beta * h), "ipo": (h - 1 / (2 * beta)) ** 2,
                 "cpo": softplus(-beta * (-1.0 + 2.0)) + 1.0, "simpo": softplus(-(beta * 1.0 - 0.5))}
     for form in PREFERENCES:
-        got = preference_loss(form, cq, rq, cp, rp, beta, gamma=0.5).item()
+        got = preference_loss(form, PreferenceScores(cq, rq, cp, rp), beta, gamma=0.5).item()
         assert got == pytest.approx(expected[form], rel=1e-6), form
 
 
 @pytest.mark.parametrize("form", PREFERENCES)
 def test_loss_falls_as_teacher_outputs_gain_likelihood_over_own_samples(form):
     gain = torch.linspace(-1.0, 1.0, 9)  # student log-likelihood of y_t rises, of y_s falls by as much
-    loss = preference_loss(form, -2.0 + gain, -2.0 - gain, torch.tensor(-2.0), torch.tensor(-2.0), 0.1, 0.5)
+    loss = preference_loss(form, PreferenceScores(-2.0 + gain, -2.0 - gain, torch.tensor(-2.0), torch.tensor(-2.0)), 0.1, 0.5)
     assert (loss[1:] < loss[:-1]).all(), loss
 
 
@@ -95,7 +97,9 @@ def test_sequence_level_loss_matches_a_hand_computation(setup, monkeypatch, form
     teacher, student, tok, _ = setup
     eos = tok.eos_token_id
     responses = {"teacher": [[72, 105, eos], [79, eos]], "student": [[120, 121, 122, 123], [65, eos]]}
-    monkeypatch.setattr(dpkd, "generate", fixed_generation(responses, tok.pad_token_id))
+    fake = fixed_generation(responses, tok.pad_token_id)
+    monkeypatch.setattr(dpkd, "generate", fake)
+    monkeypatch.setattr(generation, "generate", fake)   # the student's samples (sample_student)
     method = make_method(setup, preference=form, beta=0.3, kd_ratio=0.7, lm_coef=0.4)
     batch = first_batch(setup)
     out = method.loss(batch, 0)
@@ -147,6 +151,7 @@ def test_teacher_responses_are_generated_once_per_prompt_and_saved(setup, monkey
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(dpkd, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)   # the student's samples (sample_student)
     method = make_method(setup, max_new_tokens=4)
     batch = first_batch(setup)
     method.loss(batch, 0)

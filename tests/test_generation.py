@@ -1,4 +1,5 @@
-"""The generation engine: mixture sampling, KV-cached decoding with left padding, log-probs, batches."""
+"""The generation engine: mixture sampling, KV-cached decoding with left padding, log-probs, batches, and
+the on-policy methods' student sampler."""
 import copy
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from kdlab.data import Encoded, collate, left_pad
 from kdlab.generation import (Generated, filter_top_k_top_p, generate, response_mask, sample_mixture,
-                              sample_rows, to_batch)
+                              sample_rows, sample_student, to_batch)
 from kdlab.modeling import byte_tokenizer, random_model, response_logits
 
 TEACHER = dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_positions=256,
@@ -156,6 +157,38 @@ def test_to_batch_lays_out_like_a_data_batch():
         assert torch.equal(getattr(batch, name), getattr(ref, name)), name
     assert batch.labels.tolist() == [[-100, -100, 1, 9, -100], [2, 3, 4, -100, -100]]
     assert [e["id"] for e in batch.examples] == ["a", "b"]
+
+
+def test_sample_student_replaces_the_flagged_rows_with_one_seeded_generate_call(tiny):
+    """GKD/DPKD (every row) and ImitKD (some rows): the student's samples of one ``generate`` call, whose
+    seed is the one draw from the global RNG, laid out like a data batch; unflagged rows keep their gold
+    response and every row its example."""
+    student, _, tok, ids, mask = tiny
+    gold = [Encoded(p[m.bool()].tolist(), tok.encode(r) + [tok.eos_token_id], {"id": i})
+            for i, (p, m, r) in enumerate(zip(ids, mask, ["ab", "cde", "f"]))]
+    batch = collate(gold, tok.pad_token_id)
+    sampling = dict(max_new_tokens=5, temperature=0.8, top_k=50, top_p=0.9)
+
+    torch.manual_seed(3)
+    every = sample_student(student, tok, batch, **sampling)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    ref = to_batch(generate(student, tok, ids, mask, do_sample=True, **sampling), tok.pad_token_id, batch.examples)
+    assert torch.equal(torch.get_rng_state(), after)             # the same (single) draw from the global RNG
+    for name in ("input_ids", "attention_mask", "labels", "response_mask", "prompt_ids", "prompt_mask"):
+        assert torch.equal(getattr(every, name), getattr(ref, name)), name
+    assert every.examples == batch.examples
+
+    flags = torch.tensor([False, True, False])
+    torch.manual_seed(3)
+    mixed = sample_student(student, tok, batch, rows=flags, **sampling)
+    torch.manual_seed(3)
+    one = generate(student, tok, ids[1:2], mask[1:2], do_sample=True, **sampling)
+    sampled = one.response_ids[0][one.response_mask[0].bool()].tolist()
+    expected = collate([gold[0], Encoded(gold[1].prompt_ids, sampled, {"id": 1}), gold[2]], tok.pad_token_id)
+    for name in ("input_ids", "attention_mask", "labels", "response_mask", "prompt_ids", "prompt_mask"):
+        assert torch.equal(getattr(mixed, name), getattr(expected, name)), name
+    assert mixed.examples == batch.examples
 
 
 def test_top_k_and_top_p_filters_match_hand_computed_values():

@@ -11,7 +11,7 @@ from kdlab.data import collate, encode
 from kdlab.data.synthetic import make_synthetic
 from kdlab.divergences import build_divergence
 from kdlab.divergences.reference import naive_loss
-from kdlab.generation import generate, to_batch
+from kdlab.generation import generate, sample_student, to_batch
 from kdlab.methods.base import Context
 from kdlab.methods.gkd import GKD
 from kdlab.methods.imitkd import ImitKD
@@ -38,7 +38,7 @@ def make(cls, divergence="jsd", teacher=None, student=None, **cfg):
     for p in teacher.parameters():
         p.requires_grad_(False)
     ctx = Context(teacher=teacher, student=student, tokenizer=TOK, divergence=build_divergence({"name": divergence}),
-                  runtime=None, train_cfg=OmegaConf.create({"max_steps": 100}), vocab_size=257)
+                  runtime=None, train_cfg=OmegaConf.create({"max_steps": 100}))
     cfg = OmegaConf.create({"lr": 1e-3, **cfg})
     cls.validate(cfg)
     return cls(cfg, ctx)
@@ -152,7 +152,7 @@ def test_gkd_draws_on_policy_with_probability_lambda(monkeypatch):
     import kdlab.methods.gkd as gkd_module
 
     gkd = make(GKD, lmbda=0.3, normalize="token", **SAMPLING)
-    monkeypatch.setattr(gkd_module, "sample_student", lambda student, tok, batch, cfg: batch)
+    monkeypatch.setattr(gkd_module, "sample_student", lambda student, tok, batch, **sampling: batch)
     monkeypatch.setattr(gkd, "logits", lambda model, batch: torch.zeros(1, 257))   # no model calls
     batch = collate(items("train", 1), TOK.pad_token_id)
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_imitkd_mixes_gold_and_student_rows_and_queries_the_teacher_on_them():
     imit = make(ImitKD, divergence="fkl", schedule="exponential", exp_base=200.0, decay_steps=10, **SAMPLING)
     flags = torch.tensor([True, False, True, False])
     torch.manual_seed(1)
-    mixed = imit.mixed_batch(batch, flags)
+    mixed = sample_student(imit.student, TOK, batch, rows=flags, **SAMPLING)
     torch.manual_seed(1)
     sampled = generate(imit.student, TOK, batch.prompt_ids[flags], batch.prompt_mask[flags], do_sample=True,
                        max_new_tokens=6)
@@ -198,7 +198,7 @@ def test_imitkd_mixes_gold_and_student_rows_and_queries_the_teacher_on_them():
     out = imit.loss(batch, 10)                      # beta = 1/200
     torch.set_rng_state(state)
     flags = torch.rand(4) >= 1 / 200
-    ref = reference_loss(imit, imit.mixed_batch(batch, flags), "fkl")
+    ref = reference_loss(imit, sample_student(imit.student, TOK, batch, rows=flags, **SAMPLING), "fkl")
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
 
 

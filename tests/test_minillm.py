@@ -371,7 +371,7 @@ def test_the_table_experiment_is_the_papers_app_b_setting(setup):
     assert m.name == "minillm" and (cfg.teacher.name, cfg.student.name) == ("gpt2-xl", "gpt2-base")
     # phase 1: 3 epochs of SFT, the lowest validation loss kept
     assert m.sft_epochs == 3 and m.sft_steps is None
-    phases = minillm.MiniLLM(m, Context(*setup[:3], None, None, None, len(setup[2]))).phases()
+    phases = minillm.MiniLLM(m, Context(*setup[:3], None, None, None)).phases()
     assert [p.name for p in phases] == ["sft", "minillm"]
     assert phases[0].epochs == 3 and phases[0].max_steps is None and phases[0].keep_best_valid_loss
     # phase 2: 5,000 steps, mini-batch 64, 256 rollouts, 4 inner epochs, lr 5e-6 constant, temperature 1

@@ -41,7 +41,7 @@ def build(arch="llama", divergence="fkl", teacher_student=None, **overrides):
     div_cfg = {"name": divergence, **overrides.pop("div", {})}
     cfg = OmegaConf.merge(ROOT_CONF, {"rank": 4, "num_virtual_tokens": 3, "encoder_hidden_size": 16, **overrides})
     ctx = Context(teacher=teacher, student=student, tokenizer=TOK, divergence=build_divergence(div_cfg),
-                  runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None, vocab_size=V)
+                  runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None)
     return build_method(cfg, ctx)
 
 
@@ -175,7 +175,7 @@ def test_with_a_frozen_module_okd_is_kd_with_alpha_one(divergence):
     kd_cfg = OmegaConf.create({"name": "kd", "lr": 1e-2, "alpha": 1.0})
     kd = build_method(kd_cfg, Context(teacher=teacher, student=student, tokenizer=TOK,
                                       divergence=build_divergence({"name": divergence}),
-                                      runtime=okd.ctx.runtime, train_cfg=None, vocab_size=V))
+                                      runtime=okd.ctx.runtime, train_cfg=None))
     train(okd, batches)
     train(kd, batches)
     for a, b in zip(okd.student.parameters(), kd.student.parameters()):
@@ -364,7 +364,7 @@ def test_teacher_checkpointing_keeps_the_gradients_and_saves_fewer_activations(a
         cfg = OmegaConf.merge(ROOT_CONF, {"rank": 4, "dropout": 0.3})
         runtime = Runtime(torch.device("cpu"), torch.float32, cfg=OmegaConf.create({"teacher_checkpointing": checkpointing}))
         method = build_method(cfg, Context(teacher=teacher, student=student, tokenizer=TOK, runtime=runtime,
-                                           divergence=build_divergence({"name": "fkl"}), train_cfg=None, vocab_size=V))
+                                           divergence=build_divergence({"name": "fkl"}), train_cfg=None))
         perturb(method)
         saved = []
         torch.manual_seed(11)

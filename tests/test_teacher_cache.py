@@ -52,7 +52,7 @@ def synthetic_items(tok, split: str = "train", cfg=None):
 
 def context(teacher, student, tok, divergence: str = "fkl", cache=None) -> Context:
     return Context(teacher=teacher, student=student, tokenizer=tok, divergence=build_divergence({"name": divergence}),
-                   runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None, vocab_size=V,
+                   runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None,
                    teacher_cache=cache)
 
 

@@ -36,7 +36,7 @@ def build_job_method(cfg, models, runtime, train_items):
         divergence = divergence.bind(models.tokenizer, models.teacher_tokenizer)
     use_cache = bool(cfg.teacher.get("cache")) and method_class(cfg.method.name).needs_teacher
     ctx = Context(teacher=models.teacher, student=models.student, tokenizer=models.tokenizer, divergence=divergence,
-                  runtime=runtime, train_cfg=cfg.train, vocab_size=len(models.tokenizer),
+                  runtime=runtime, train_cfg=cfg.train,
                   teacher_cache=open_cache(cfg, models.tokenizer, train_items) if use_cache else None,
                   cross_tokenizer=CrossTokenizer(models.tokenizer, models.teacher_tokenizer, cfg.teacher.template)
                   if cross else None)

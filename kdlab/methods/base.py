@@ -4,7 +4,11 @@ The trainer calls :meth:`Method.loss` on each micro-batch, backpropagates the re
 steps one optimizer per entry of :meth:`Method.param_groups` (objectives of different optimizers
 must touch disjoint parameters, so one backward serves all of them). Methods that sample (GKD,
 ImitKD, MiniLLM, DPKD) do it inside ``loss`` under ``torch.no_grad()``; MiniLLM's SFT warm-up is a
-second :class:`Phase`.
+second :class:`Phase` whose method is :class:`MLE`.
+
+Every method module imports only this one (and library modules), never another method: the pieces
+several methods share (maximum likelihood, per-token log-likelihoods, the exact reverse KL, per-sequence
+means) live here.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.config import Range, check_section
+from kdlab.config import ConfigError, Range, check_section
 from kdlab.modeling import response_logits
 
 
@@ -54,7 +58,6 @@ class Context:
     divergence: object
     runtime: object
     train_cfg: object
-    vocab_size: int
     teacher_cache: object = None        # a kdlab.teacher.topk_cache.TeacherCache when teacher.cache is set
     cross_tokenizer: object = None      # a kdlab.alignment.CrossTokenizer when the divergence is (divergence=uld)
 
@@ -63,7 +66,8 @@ class Method:
     name: ClassVar[str]
     schema: ClassVar[dict] = {"lr": Range(0, low_open=True)}
     needs_teacher: ClassVar[bool] = True
-    # True: the loss reads the teacher only through teacher_targets, so a cached teacher can stand in
+    # True: the loss reads the teacher only through teacher_targets, so a cached teacher can stand in;
+    # a method that needs the teacher otherwise refuses to be built without the live one
     uses_teacher_cache: ClassVar[bool] = False
     # True: the loss reads the teacher only through aligned_distill when the divergence is cross-tokenizer
     cross_tokenizer: ClassVar[bool] = False
@@ -71,6 +75,11 @@ class Method:
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
         self.teacher, self.student = ctx.teacher, ctx.student
+        if self.needs_teacher and not self.uses_teacher_cache and self.teacher is None:
+            raise ConfigError(f"method={self.name} needs the live teacher during training, not a cached one; "
+                              "set teacher.cache=null")
+        # the LM heads' rows beyond the tokenizer's vocabulary are padding and never scored
+        self.vocab_size = len(ctx.tokenizer)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -107,7 +116,7 @@ class Method:
     # -- shared pieces ---------------------------------------------------------------------------
     def logits(self, model: nn.Module, batch) -> torch.Tensor:
         return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_mask,
-                               self.ctx.vocab_size)
+                               self.vocab_size)
 
     @torch.no_grad()
     def teacher_logits(self, batch) -> torch.Tensor:
@@ -125,7 +134,56 @@ class Method:
         teacher (:mod:`kdlab.alignment`), from the student's response logits."""
         return self.ctx.cross_tokenizer.distill(self.ctx.divergence, student_logits, self.teacher, batch)
 
+    def response_divergence(self, student_logits: torch.Tensor, batch, per_sequence: bool = False) -> torch.Tensor:
+        """The divergence ``D(p_teacher || q_student)`` over ``batch``'s responses from the live teacher, for
+        methods that train on their own samples (GKD, ImitKD): the mean over all response tokens, or
+        (``per_sequence``) the mean within each sequence and then over the sequences (GKD's Eq. 2).
+        Across tokenizers the samples are re-tokenised for the teacher and D is the divergence over the
+        aligned groups (:meth:`aligned_distill`), pooled over tokens."""
+        if self.ctx.cross_tokenizer is not None:
+            return self.ctx.divergence.objective(self.aligned_distill(student_logits, batch), None)
+        teacher = self.teacher_logits(batch)
+        if per_sequence:
+            per_token = self.ctx.divergence.per_token(student_logits, teacher)
+            return per_sequence_mean(per_token, batch.response_mask).mean()
+        return self.ctx.divergence(student_logits, teacher)
+
     @staticmethod
     def nll(logits: torch.Tensor, batch) -> torch.Tensor:
         """Mean negative log-likelihood of the gold response tokens (MLE)."""
         return F.cross_entropy(logits.float(), batch.labels[batch.response_mask])
+
+
+class MLE(Method):
+    """Maximum likelihood on the gold responses of the batch (SFT):
+
+        L = -(1/N) sum_{t in responses} log q_theta(y_t | x, y_<t)
+
+    over the batch's ``N`` response tokens. ``method=sft`` trains on the dataset's responses, SeqKD (Kim
+    & Rush 2016) on the teacher's (its ``prepare_data`` swaps them in), and MiniLLM's first phase is one
+    (Gu et al. 2024, Alg. 1: the student warmed up on the data)."""
+    name = "mle"
+    needs_teacher = False
+
+    def loss(self, batch, step):
+        nll = self.nll(self.logits(self.student, batch), batch)
+        return LossOutput(nll, {"nll": nll.item()})
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log q(y_t)``: the log-probability of each target token ``targets (N,)`` under its row of ``logits (N, V)``."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def per_sequence_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token ``values (N,)`` (row-major over ``response_mask (B, T)``) within each row."""
+    rows = response_mask.nonzero()[:, 0]
+    sums = torch.zeros(response_mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    return sums / response_mask.sum(dim=1).clamp(min=1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Exact per-position ``KL(q || p) = sum_v q_v (log q_v - log p_v)``."""
+    logq = F.log_softmax(student_logits.float(), dim=-1)
+    logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1)

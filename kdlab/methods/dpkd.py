@@ -38,48 +38,52 @@ lr 5e-4.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kdlab.config import OneOf, Range, Type
 from kdlab.data import Encoded, collate
-from kdlab.generation import encoded_rows, generate, to_batch
-from kdlab.methods.base import LossOutput, Method
+from kdlab.generation import encoded_rows, generate, sample_student
+from kdlab.methods.base import LossOutput, Method, per_sequence_mean, reverse_kl, token_logprobs
 
 PREFERENCES = ("dpkd", "ipo", "cpo", "simpo")
 
 
-def preference_loss(form: str, chosen_q, rejected_q, chosen_p, rejected_p, beta: float, gamma: float = 0.0):
-    """Per-pair preference loss from length-normalised log-likelihoods (student ``q``, teacher ``p``)."""
-    h = (chosen_q - chosen_p) - (rejected_q - rejected_p)
+@dataclass
+class PreferenceScores:
+    """The four length-normalised log-likelihoods of a batch of preference pairs ``(B,)`` (one per pair):
+    ``l_c``, ``l_r`` (student ``q_theta``, with gradient) and ``lp_c``, ``lp_r`` (teacher ``p``, the
+    reference) of the chosen and the rejected response."""
+    chosen_student: torch.Tensor
+    rejected_student: torch.Tensor
+    chosen_teacher: torch.Tensor
+    rejected_teacher: torch.Tensor
+
+    def margin(self) -> torch.Tensor:
+        """``h = (l_c - lp_c) - (l_r - lp_r)``: how much more the student prefers the chosen response
+        than the teacher does (the paper's implicit-reward margin, up to beta)."""
+        return (self.chosen_student - self.chosen_teacher) - (self.rejected_student - self.rejected_teacher)
+
+
+def preference_loss(form: str, scores: PreferenceScores, beta: float, gamma: float = 0.0) -> torch.Tensor:
+    """Per-pair preference loss ``L_pref`` of ``method.preference`` (the forms in the module docstring)."""
+    chosen, rejected = scores.chosen_student, scores.rejected_student
     if form == "dpkd":
-        return -F.logsigmoid(beta * h)
+        return -F.logsigmoid(beta * scores.margin())
     if form == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
+        return (scores.margin() - 1 / (2 * beta)) ** 2
     if form == "cpo":
-        return -F.logsigmoid(beta * (chosen_q - rejected_q)) - chosen_q
+        return -F.logsigmoid(beta * (chosen - rejected)) - chosen
     if form == "simpo":
-        return -F.logsigmoid(beta * (chosen_q - rejected_q) - gamma)
+        return -F.logsigmoid(beta * (chosen - rejected) - gamma)
     raise ValueError(f"unknown preference {form!r}; choose one of {PREFERENCES}")
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def per_sequence_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token ``values (N,)`` (row-major over ``response_mask (B, T)``) within each row."""
-    rows = response_mask.nonzero()[:, 0]
-    sums = torch.zeros(response_mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    return sums / response_mask.sum(dim=1).clamp(min=1)
-
-
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Exact per-position ``KL(q || p) = sum_v q_v (log q_v - log p_v)``."""
-    logq = F.log_softmax(student_logits.float(), dim=-1)
-    logp = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (logq.exp() * (logq - logp)).sum(-1)
+def sequence_logprob(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """``(1/|y|) log q(y|x)`` of each response of ``seqs`` from its response ``logits (N, V)``."""
+    return per_sequence_mean(token_logprobs(logits, seqs.labels[seqs.response_mask]), seqs.response_mask)
 
 
 def prompt_key(prompt_ids: list[int]) -> str:
@@ -132,52 +136,47 @@ class DPKD(Method):
                  for p, k, ex in zip(prompts, keys, batch.examples)]
         return collate(items, self.ctx.tokenizer.pad_token_id).to(batch.input_ids.device)
 
-    def sequence_scores(self, seqs):
-        """Length-normalised log-likelihoods under student (with grad) and teacher, plus the logits."""
-        student = self.logits(self.student, seqs)
-        teacher = self.teacher_logits(seqs)
-        targets = seqs.labels[seqs.response_mask]
-        q = per_sequence_mean(token_logprobs(student, targets), seqs.response_mask)
-        p = per_sequence_mean(token_logprobs(teacher, targets), seqs.response_mask)
-        return q, p, student, teacher
+    def sequence_scores(self, chosen, rejected):
+        """The pairs' :class:`PreferenceScores`, and the logits they come from: the student's on the
+        chosen responses (with gradient; the gold ones when ``method.chosen=gold``) and both models' on
+        the rejected ones (for the reverse-KL log)."""
+        chosen_student, chosen_teacher = self.logits(self.student, chosen), self.teacher_logits(chosen)
+        rejected_student, rejected_teacher = self.logits(self.student, rejected), self.teacher_logits(rejected)
+        scores = PreferenceScores(sequence_logprob(chosen_student, chosen), sequence_logprob(rejected_student, rejected),
+                                  sequence_logprob(chosen_teacher, chosen), sequence_logprob(rejected_teacher, rejected))
+        return scores, chosen_student, rejected_student, rejected_teacher
 
     def sequence_loss(self, batch):
-        cfg, tok = self.cfg, self.ctx.tokenizer
         chosen = self.chosen_batch(batch)
-        sample = generate(self.student, tok, batch.prompt_ids, batch.prompt_mask, max_new_tokens=self.new_tokens(batch),
-                          do_sample=True, temperature=cfg.temperature)
-        rejected = to_batch(sample, tok.pad_token_id, batch.examples)
-        cq, cp, c_student, _ = self.sequence_scores(chosen)
-        rq, rp, r_student, r_teacher = self.sequence_scores(rejected)
-        pref = preference_loss(cfg.preference, cq, rq, cp, rp, cfg.beta, cfg.simpo_gamma).mean()
-        gold = c_student if chosen is batch else self.logits(self.student, batch)
-        nll = self.nll(gold, batch)
-        with torch.no_grad():
-            rkl = reverse_kl(r_student, r_teacher).mean()
-        return self.combine(pref, nll, cq, rq, cp, rp, rkl)
+        rejected = sample_student(self.student, self.ctx.tokenizer, batch, max_new_tokens=self.new_tokens(batch),
+                                  temperature=self.cfg.temperature)
+        scores, chosen_student, rejected_student, rejected_teacher = self.sequence_scores(chosen, rejected)
+        gold = chosen_student if chosen is batch else self.logits(self.student, batch)
+        return self.combine(scores, self.nll(gold, batch), rejected_student, rejected_teacher)
 
     # -- token level (the released code) ------------------------------------------------------------
     def token_loss(self, batch):
-        cfg = self.cfg
         student = self.logits(self.student, batch)
         teacher = self.teacher_logits(batch)
-        chosen_tok, rejected_tok = teacher.argmax(-1), student.detach().argmax(-1)
-        cq, rq = token_logprobs(student, chosen_tok), token_logprobs(student, rejected_tok)
-        cp, rp = token_logprobs(teacher, chosen_tok), token_logprobs(teacher, rejected_tok)
-        pref = preference_loss(cfg.preference, cq, rq, cp, rp, cfg.beta, cfg.simpo_gamma).mean()
-        nll = self.nll(student, batch)
-        with torch.no_grad():
-            rkl = reverse_kl(student, teacher).mean()
-        return self.combine(pref, nll, cq, rq, cp, rp, rkl)
+        chosen, rejected = teacher.argmax(-1), student.detach().argmax(-1)
+        scores = PreferenceScores(token_logprobs(student, chosen), token_logprobs(student, rejected),
+                                  token_logprobs(teacher, chosen), token_logprobs(teacher, rejected))
+        return self.combine(scores, self.nll(student, batch), student, teacher)
 
-    def combine(self, pref, nll, cq, rq, cp, rp, rkl) -> LossOutput:
-        beta = self.cfg.beta
+    def combine(self, scores: PreferenceScores, nll: torch.Tensor, student_logits, teacher_logits) -> LossOutput:
+        """``kd_ratio * L_pref + lm_coef * nll``, logged with the implicit rewards and the reverse KL of the
+        student's next-token distributions ``student_logits`` to the teacher's."""
+        cfg = self.cfg
+        preference = preference_loss(cfg.preference, scores, cfg.beta, cfg.simpo_gamma).mean()
         with torch.no_grad():
-            r_c, r_r = beta * (cq - cp), beta * (rq - rp)
-        logs = {"preference": pref.item(), "nll": nll.item(), "reward_chosen": r_c.mean().item(),
-                "reward_rejected": r_r.mean().item(), "reward_margin": (r_c - r_r).mean().item(),
-                "reward_accuracy": (r_c > r_r).float().mean().item(), "rkl": rkl.item()}
-        return LossOutput(self.cfg.kd_ratio * pref + self.cfg.lm_coef * nll, logs)
+            rkl = reverse_kl(student_logits, teacher_logits).mean()
+            reward_chosen = cfg.beta * (scores.chosen_student - scores.chosen_teacher)
+            reward_rejected = cfg.beta * (scores.rejected_student - scores.rejected_teacher)
+        logs = {"preference": preference.item(), "nll": nll.item(), "reward_chosen": reward_chosen.mean().item(),
+                "reward_rejected": reward_rejected.mean().item(),
+                "reward_margin": (reward_chosen - reward_rejected).mean().item(),
+                "reward_accuracy": (reward_chosen > reward_rejected).float().mean().item(), "rkl": rkl.item()}
+        return LossOutput(cfg.kd_ratio * preference + cfg.lm_coef * nll, logs)
 
 
 METHOD = DPKD

@@ -34,37 +34,21 @@ from __future__ import annotations
 import torch
 
 from kdlab.config import OneOf, Range
-from kdlab.generation import SAMPLING_SCHEMA, sample_student
+from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
-from kdlab.methods.dpkd import per_sequence_mean
-
-NORMALIZE_SCHEMA = {"normalize": OneOf("sequence", "token")}
-
-
-def response_divergence(divergence, student_logits, teacher, response_mask, normalize: str) -> torch.Tensor:
-    """The divergence over a batch's response rows ``(N, V)``: pooled over tokens (``token``), or averaged
-    within each sequence of ``response_mask (B, T)`` and then over the B sequences (``sequence``)."""
-    if normalize == "token":
-        return divergence(student_logits, teacher)
-    return per_sequence_mean(divergence.per_token(student_logits, teacher), response_mask).mean()
 
 
 class GKD(Method):
     name = "gkd"
-    schema = {**Method.schema, "lmbda": Range(0, 1), **NORMALIZE_SCHEMA, **SAMPLING_SCHEMA}
+    schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"), **SAMPLING_SCHEMA}
     cross_tokenizer = True
 
     def loss(self, batch, step):
         on_policy = bool(torch.rand(()) < self.cfg.lmbda)
         if on_policy:
-            batch = sample_student(self.student, self.ctx.tokenizer, batch, self.cfg)
+            batch = sample_student(self.student, self.ctx.tokenizer, batch, **sampling_settings(self.cfg))
         student = self.logits(self.student, batch)
-        if self.ctx.cross_tokenizer is not None:   # divergence=uld: the samples are re-tokenised for the teacher
-            distill = self.ctx.divergence.objective(self.aligned_distill(student, batch), None)
-        else:
-            teacher = self.teacher_logits(batch)
-            distill = response_divergence(self.ctx.divergence, student, teacher, batch.response_mask,
-                                          self.cfg.normalize)
+        distill = self.response_divergence(student, batch, per_sequence=self.cfg.normalize == "sequence")
         return LossOutput(distill, {"distill": distill.item(), "on_policy": float(on_policy),
                                     "response_tokens": float(batch.response_mask.sum())})
 

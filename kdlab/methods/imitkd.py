@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 
 from kdlab.config import ConfigError, OneOf, Range
-from kdlab.data import Encoded, collate
-from kdlab.generation import SAMPLING_SCHEMA, encoded_rows, generate
+from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
 
 
@@ -50,35 +49,14 @@ class ImitKD(Method):
         frac = min(step / self.decay_steps, 1.0)
         return self.cfg.exp_base ** -frac if self.cfg.schedule == "exponential" else 1.0 - frac
 
-    def mixed_batch(self, batch, from_student: torch.Tensor):
-        """``batch`` with the rows flagged in ``from_student`` replaced by the student's samples."""
-        rows = from_student.nonzero().squeeze(1)
-        cfg, tok = self.cfg, self.ctx.tokenizer
-        out = generate(self.student, tok, batch.prompt_ids[rows], batch.prompt_mask[rows],
-                       max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                       top_p=cfg.top_p, top_k=cfg.top_k)
-        sampled = iter(encoded_rows(out, [batch.examples[i] for i in rows.tolist()] if batch.examples else None))
-        items = []
-        for i, flag in enumerate(from_student.tolist()):
-            if flag:
-                items.append(next(sampled))
-            else:
-                items.append(Encoded(batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist(),
-                                     batch.labels[i][batch.response_mask[i]].tolist(),
-                                     batch.examples[i] if batch.examples else {}))
-        return collate(items, tok.pad_token_id).to(batch.input_ids.device)
-
     def loss(self, batch, step):
         beta = self.beta(step)
         from_student = torch.rand(len(batch)) >= beta
-        if from_student.any():
-            batch = self.mixed_batch(batch, from_student)
+        if from_student.any():   # an all-gold batch draws no sampling seed
+            batch = sample_student(self.student, self.ctx.tokenizer, batch, rows=from_student,
+                                   **sampling_settings(self.cfg))
         student = self.logits(self.student, batch)
-        if self.ctx.cross_tokenizer is not None:   # divergence=uld: the samples are re-tokenised for the teacher
-            distill = self.ctx.divergence.objective(self.aligned_distill(student, batch), None)
-        else:
-            teacher = self.teacher_logits(batch)
-            distill = self.ctx.divergence(student, teacher)
+        distill = self.response_divergence(student, batch)
         return LossOutput(distill, {"distill": distill.item(), "beta": beta,
                                     "student_fraction": from_student.float().mean().item(),
                                     "response_tokens": float(batch.response_mask.sum())})

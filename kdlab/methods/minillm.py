@@ -61,9 +61,7 @@ from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.data import Encoded, collate, left_pad
 from kdlab.data.corpus import check_corpus, pack_corpus
 from kdlab.generation import SAMPLING_SCHEMA, sample_mixture
-from kdlab.methods.base import LossOutput, Method, Phase
-from kdlab.methods.dpkd import reverse_kl, token_logprobs
-from kdlab.methods.sft import SFT
+from kdlab.methods.base import MLE, LossOutput, Method, Phase, reverse_kl, token_logprobs
 
 
 def mixture_weights(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -148,7 +146,7 @@ class MiniLLM(Method):
     def phases(self) -> list[Phase]:
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
         if self.cfg.sft_steps != 0:
-            sft = SFT(OmegaConf.create({"name": "sft", "lr": self.cfg.sft_lr}), self.ctx)
+            sft = MLE(OmegaConf.create({"name": "sft", "lr": self.cfg.sft_lr}), self.ctx)
             phases.insert(0, Phase("sft", sft, self.cfg.sft_steps, keep_best_valid_loss=True,
                                      epochs=self.cfg.sft_epochs))
         return phases
@@ -231,7 +229,7 @@ class MiniLLM(Method):
         if self.ptx_rows is None:
             return self.nll(self.logits(self.student, batch), batch)
         rows = self.ptx_rows[torch.randint(len(self.ptx_rows), (len(batch),))].to(batch.input_ids.device)
-        logits = self.student(input_ids=rows).logits[:, :-1, : self.ctx.vocab_size]
+        logits = self.student(input_ids=rows).logits[:, :-1, : self.vocab_size]
         return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
 
 

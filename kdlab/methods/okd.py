@@ -253,9 +253,6 @@ class OKD(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        if self.teacher is None:
-            raise ConfigError("method=okd trains a module inside the teacher and cannot use a cached teacher; "
-                              "set teacher.cache=null")
         from peft import get_peft_model
 
         # LoRA is injected into the teacher's own modules (so ``self.teacher`` computes p_ta); prefix
@@ -294,7 +291,7 @@ class OKD(Method):
             embeds = self.teacher.get_input_embeddings()(ids)
             embeds = torch.cat([self.peft.get_prompt(b).to(embeds.dtype), embeds], dim=1)
             hidden = self.teacher.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, n:]
-        return lm_head(self.teacher)(hidden[batch.response_mask])[..., : self.ctx.vocab_size]
+        return lm_head(self.teacher)(hidden[batch.response_mask])[..., : self.vocab_size]
 
     def objectives(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """``(L_s, L_t, logs)``: the student's and the online module's losses (module docstring)."""

@@ -3,7 +3,8 @@
     L_SeqKD = - sum_{s in train} log q(y_hat(s) | s),   y_hat(s) ~= argmax_y p_teacher(y | s)
 
 the teacher's sequence distribution is replaced by its mode, so the student is trained with plain
-maximum likelihood (SFT) on the teacher's own responses to the training prompts instead of the gold ones.
+maximum likelihood (:class:`kdlab.methods.base.MLE`, SFT's loss) on the teacher's own responses to the
+training prompts instead of the gold ones.
 
 Decoding: Kim & Rush approximate the mode with beam search (beam 5): ``generation.num_beams`` (default 1,
 greedy, the cheapest mode approximation and five times cheaper on a CPU; set 5 for the paper), and
@@ -39,7 +40,7 @@ from kdlab.config import ConfigError, Range, Type, check_section, plain
 from kdlab.data import Encoded, left_pad
 from kdlab.distributed import barrier, gather_objects
 from kdlab.generation import SAMPLING_SCHEMA, generate
-from kdlab.methods.base import LossOutput, Method
+from kdlab.methods.base import MLE, Method
 
 GENERATION_SCHEMA = {
     **SAMPLING_SCHEMA,
@@ -51,8 +52,9 @@ GENERATION_SCHEMA = {
 }
 
 
-class SeqKD(Method):
+class SeqKD(MLE):
     name = "seqkd"
+    needs_teacher = True   # MLE on the responses the teacher writes (prepare_data)
     schema = {
         **Method.schema,
         "generation": Type(dict),
@@ -70,12 +72,6 @@ class SeqKD(Method):
         if cfg.generation.do_sample and cfg.generation.num_beams > 1:
             raise ConfigError(f"method.generation.do_sample=true with num_beams={cfg.generation.num_beams}: beam "
                               f"sampling is not supported; set num_beams=1 to sample or do_sample=false for beam search")
-
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
-        if self.teacher is None:
-            raise ConfigError("method=seqkd generates with the teacher and cannot use a cached one; "
-                              "set teacher.cache=null")
 
     def cache_folder(self, prompts: list[list[int]]) -> Path:
         gen = {k: v for k, v in plain(self.cfg.generation).items() if k != "batch_size"}
@@ -161,10 +157,6 @@ class SeqKD(Method):
             for prompt, row, keep in zip(chunk, gen.response_ids, gen.response_mask.bool()):
                 out[prompt] = row[keep].tolist()[: limit - len(prompt)]
         return out
-
-    def loss(self, batch, step):
-        nll = self.nll(self.logits(self.student, batch), batch)
-        return LossOutput(nll, {"nll": nll.item()})
 
 
 METHOD = SeqKD

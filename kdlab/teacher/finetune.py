@@ -185,7 +185,7 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     vocab = len(tokenizer)
     method = SFT(OmegaConf.create({"name": "sft", "lr": s["lr"]}),
                  Context(teacher=None, student=model, tokenizer=tokenizer, divergence=None, runtime=runtime,
-                         train_cfg=job.train, vocab_size=vocab))
+                         train_cfg=job.train))
     work.mkdir(parents=True, exist_ok=True)
     logger = Logger([JsonlSink(work)])
     info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer, vocab).fit()
