@@ -129,7 +129,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
             elif name == "student_init":
                 evaluate_cached("student_init", student)
 
-    trainer = Trainer(method, train_items, valid_items, cfg, runtime, logger, run_dir, tokenizer, vocab)
+    trainer = Trainer(method, train_items, valid_items, cfg, runtime, logger, run_dir, tokenizer)
     info = trainer.fit()
     with distributed.full_params(student, runtime.strategy):
         if runtime.is_main:

@@ -66,8 +66,8 @@ def test_the_best_sft_student_survives_a_resume(monkeypatch, tmp_path):
     scripted = ScriptedLoss([3.0, 1.0])
     original_save = trainer_module.Trainer.save
 
-    def save_then_stop(self, index, step, offset, position, method):
-        original_save(self, index, step, offset, position, method)
+    def save_then_stop(self, index, step, offset, position):
+        original_save(self, index, step, offset, position)
         if (index, step) == (0, 4):
             raise Preempted
     monkeypatch.setattr(trainer_module, "test_loss", scripted)
@@ -92,10 +92,10 @@ def test_without_validation_the_policy_phase_starts_from_the_last_sft_step(monke
     sft_end = {}
     original_save = trainer_module.Trainer.save
 
-    def save(self, index, step, offset, position, method):
+    def save(self, index, step, offset, position):
         if index == 0:
             sft_end["state"] = {k: v.detach().clone() for k, v in self.method.student.state_dict().items()}
-        original_save(self, index, step, offset, position, method)
+        original_save(self, index, step, offset, position)
     monkeypatch.setattr(trainer_module.Trainer, "save", save)
     train_and_evaluate(smoke_config(*MINILLM, "train.eval_every=null"), tmp_path)
     assert scripted.seen == [] and same(start["state"], sft_end["state"])

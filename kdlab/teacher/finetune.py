@@ -188,7 +188,7 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
                          train_cfg=job.train, vocab_size=vocab))
     work.mkdir(parents=True, exist_ok=True)
     logger = Logger([JsonlSink(work)])
-    info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer, vocab).fit()
+    info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer).fit()
     logger.finish()
     if peft_model is not None:
         model = peft_model.merge_and_unload()
