@@ -43,6 +43,7 @@ import torch
 
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
 DEFAULTS = {
     "mode": "full",          # full | lora
@@ -65,16 +66,9 @@ DEFAULTS = {
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
 SCHEMA = {
     "mode": OneOf("full", "lora"),
-    "max_steps": Range(1, integer=True, optional=True),
-    "epochs": Range(1, integer=True, optional=True),
-    "batch_size": Range(1, integer=True),
-    "grad_accum": Range(1, integer=True),
     "lr": Range(0, low_open=True),
-    "warmup_ratio": Range(0, 1),
-    "schedule": OneOf("linear", "constant"),
-    "weight_decay": Range(0),
-    "grad_clip": Range(0, optional=True),
-    "save_every": Range(1, integer=True, optional=True),
+    **{key: TRAIN_SCHEMA[key] for key in ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio",
+                                          "schedule", "weight_decay", "grad_clip", "save_every")},
     "seed": Range(0, integer=True),
     "lora_rank": Range(1, integer=True),
     "lora_alpha": Range(0, low_open=True),
