@@ -1,10 +1,12 @@
 """The training loop. It does not know which method it runs (see ``kdlab.methods.base``).
 
-Per optimizer step: ``train.grad_accum`` micro-batches through ``method.loss`` and one backward each,
-gradient clipping per optimizer, AdamW steps, schedule steps. Every ``eval_every`` steps the student is
-validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is saved to
-``student_best/``; an earlier phase that keeps its best student (MiniLLM's SFT) is validated by loss
-only, and the next phase starts from its lowest-loss student (``phase<i>_best/``). Every
+Per optimizer step: ``train.grad_accum`` micro-batches through the phase's ``method.loss`` and one
+backward each, then each parameter group's optimizer steps (``kdlab.optim``: AdamW, DeepSpeed ZeRO for
+the student under hardware=zero2/zero3), then its schedule. Every ``eval_every`` steps the student of the
+last phase is validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is
+saved to ``student_best/``; an earlier phase that keeps its best student
+(``Phase.keep_best_valid_loss``, MiniLLM's SFT) is validated by loss only, and the next phase starts from
+its lowest-loss student (``phase<i>_best/``). Every
 ``save_every`` steps a resumable checkpoint is written. Running the same job again in the same folder
 resumes from the newest checkpoint that loads and reproduces the uninterrupted run; the metrics logged
 after it (or all of them, when there is none) are dropped first, so no step is logged twice. SIGTERM,
@@ -63,6 +65,11 @@ def save_pretrained(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def save_weights(model, folder: Path) -> None:
+    with atomic_dir(folder) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+
+
 class Trainer:
     def __init__(self, method, train_items, valid_items, cfg, runtime, logger, run_dir: Path, tokenizer):
         self.method, self.cfg, self.train_cfg = method, cfg, cfg.train
@@ -85,15 +92,10 @@ class Trainer:
                               f"every micro-batch")
 
     def steps_for(self, phase) -> int:
-        tc = self.train_cfg
-        if phase.max_steps is not None:
-            return phase.max_steps
-        per_epoch = len(self.train_items) // tc.batch_size
-        if phase.epochs is not None:
-            return phase.epochs * per_epoch
-        if tc.max_steps is not None:
-            return tc.max_steps
-        return tc.epochs * per_epoch
+        tc, per_epoch = self.train_cfg, len(self.train_items) // self.train_cfg.batch_size
+        if phase.max_steps is not None or phase.epochs is not None:
+            return phase.max_steps if phase.max_steps is not None else phase.epochs * per_epoch
+        return tc.max_steps if tc.max_steps is not None else tc.epochs * per_epoch
 
     def elapsed(self) -> float:
         return self.time_before + time.time() - self.started
@@ -150,27 +152,23 @@ class Trainer:
                 write(student)
         return score
 
-    def validate(self, step: int) -> dict:
-        """The last phase: greedy ROUGE-L and loss; the best student by ROUGE-L goes to ``student_best/``."""
+    def validate(self, index: int, step: int, is_last: bool) -> dict:
+        """The last phase: greedy ROUGE-L and loss, the best student by ROUGE-L kept in ``student_best/``.
+        An earlier one: the loss only, the lowest-loss student kept in ``phase<index>_best/``."""
+        student = self.method.student
+        if not is_last:
+            loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
+                             self.runtime.autocast())
+            self.phase_best_loss = -self.keep_best(-loss, -self.phase_best_loss,
+                                                   lambda model: save_weights(model, self.phase_best_dir(index)))
+            return {f"valid/{self.phase.name}_loss": loss}
         cfg = self.cfg.eval.copy()
         cfg.do_sample = False
-        result = evaluate(self.method.student, self.tokenizer, self.valid_items, cfg, self.runtime, desc=f"valid@{step}")
-        self.best_rouge = self.keep_best(result["rougeL"], self.best_rouge, lambda student: save_pretrained(
-            student, self.tokenizer, self.run_dir / "student_best"))
+        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime, desc=f"valid@{step}")
+        self.best_rouge = self.keep_best(result["rougeL"], self.best_rouge,
+                                         lambda model: save_pretrained(model, self.tokenizer, self.run_dir / "student_best"))
         return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
                 "valid/loss": result["loss"], "valid/best_rougeL": self.best_rouge}
-
-    def validate_loss(self, index: int) -> dict:
-        """An earlier phase that keeps its best: validation loss; the lowest-loss student goes to
-        ``phase<index>_best/`` (safetensors)."""
-        loss = test_loss(self.method.student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size,
-                         self.runtime.device, self.runtime.autocast())
-
-        def write(student):
-            with atomic_dir(self.phase_best_dir(index)) as tmp:
-                save_model(student, str(tmp / "model.safetensors"))
-        self.phase_best_loss = -self.keep_best(-loss, -self.phase_best_loss, write)
-        return {f"valid/{self.phase.name}_loss": loss}
 
     def phase_best_dir(self, index: int) -> Path:
         return self.run_dir / f"phase{index}_best"
@@ -212,18 +210,15 @@ class Trainer:
         self.phase = phase
         self.optimizers, self.schedules = optim.build(phase.method, tc, total, phase.schedule or tc.schedule,
                                                       self.runtime)
-        step, epoch, batch_index = 0, 0, 0
         self.phase_best_loss = math.inf
         keeps_best = phase.keep_best_valid_loss and not is_last and bool(tc.eval_every)
+        step, epoch, batch_index = 0, 0, 0
         if resume is not None:
-            flat, state = resume
-            self.restore(flat, state)
-            step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
+            self.restore(*resume)
+            step, epoch, batch_index = (resume[1][key] for key in ("step", "epoch", "batch"))
             self.logger.truncate_after(offset + step)
-        micro = tc.batch_size // tc.grad_accum
-        data = batches(self.train_items, micro, self.tokenizer.pad_token_id, self.cfg.seed, epoch,
-                       batch_index * tc.grad_accum)
-        position = (epoch, batch_index)
+        data = batches(self.train_items, tc.batch_size // tc.grad_accum, self.tokenizer.pad_token_id, self.cfg.seed,
+                       epoch, batch_index * tc.grad_accum)
         bar = tqdm(total=total, initial=step, desc=phase.name, dynamic_ncols=True, disable=not self.runtime.is_main)
         while step < total:
             t0 = time.time()
@@ -257,7 +252,7 @@ class Trainer:
                 metrics.update({"train/step_time_s": dt, "train/tokens_per_s": tokens / dt, "train/phase": index})
             if (is_last or keeps_best) and tc.eval_every and (step % tc.eval_every == 0 or step == total):
                 if self.runtime.evaluates:
-                    metrics.update(self.validate(offset + step) if is_last else self.validate_loss(index))
+                    metrics.update(self.validate(index, offset + step, is_last))
                 distributed.barrier()
             if metrics:
                 self.logger.log(metrics, step=offset + step)
