@@ -1,8 +1,9 @@
 """Crash-safe files: atomic JSON, atomic folders, and resumable training checkpoints.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding ``params.safetensors`` (every trainable
-parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states, data
-position, method state; tensors and plain containers only, loaded with ``weights_only=True``). It is
+parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states
+(:func:`capture_rng`), data position, method state; tensors and plain containers only, loaded with
+``weights_only=True``). It is
 written under a temporary name and renamed, then ``checkpoints/LAST`` is atomically repointed, and only
 then are older checkpoints removed: a crash at any moment leaves the previous checkpoint usable. The
 newest :data:`KEEP` checkpoints are kept, so that a latest one that does not load (a truncated file, a

@@ -1,9 +1,11 @@
 """The trainer's optimizers: one per parameter group of the method, with its learning-rate schedule.
 
-Whatever ``hardware.strategy``, an optimizer offers what :class:`kdlab.distributed.ZeroStudent` does:
-``backward(loss)`` per micro-batch, ``step()`` per optimizer step (returning the gradient norm, or
-``None`` when nothing computed it), and ``save(folder, tag)`` / ``load(folder, tag, saved)`` for
-checkpoints. :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
+Whatever ``hardware.strategy``, an optimizer offers what :class:`kdlab.distributed.ZeroStudent` does, so
+the loop never asks which one it has: ``backward(loss)`` per micro-batch, ``step()`` per optimizer step
+(the gradient norm, or ``None`` when nothing computed it), ``save(folder, tag)`` (what the trainer's
+checkpoint keeps for it; ``None`` when it wrote its own files under ``folder/tag``, as ZeRO's sharded
+states are), ``load(folder, tag, saved)``, and ``checkpoint_params`` (the parameters the trainer's
+checkpoint holds). :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
 """
 from __future__ import annotations
 

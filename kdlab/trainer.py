@@ -165,8 +165,9 @@ class Trainer:
         cfg = self.cfg.eval.copy()
         cfg.do_sample = False
         result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime, desc=f"valid@{step}")
+        best_dir = self.run_dir / "student_best"
         self.best_rouge = self.keep_best(result["rougeL"], self.best_rouge,
-                                         lambda model: save_pretrained(model, self.tokenizer, self.run_dir / "student_best"))
+                                         lambda model: save_pretrained(model, self.tokenizer, best_dir))
         return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
                 "valid/loss": result["loss"], "valid/best_rougeL": self.best_rouge}
 
