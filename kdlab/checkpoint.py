@@ -3,11 +3,11 @@
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding ``params.safetensors`` (every trainable
 parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states
 (:func:`capture_rng`), data position, method state; tensors and plain containers only, loaded with
-``weights_only=True``). It is
-written under a temporary name and renamed, then ``checkpoints/LAST`` is atomically repointed, and only
-then are older checkpoints removed: a crash at any moment leaves the previous checkpoint usable. The
-newest :data:`KEEP` checkpoints are kept, so that a latest one that does not load (a truncated file, a
-``LAST`` naming a missing folder) leaves an older one to resume from (:func:`load_checkpoint`).
+``weights_only=True``). It is written under a temporary name and renamed, then ``checkpoints/LAST`` is
+atomically repointed, and only then are older checkpoints removed: a crash at any moment leaves the
+previous checkpoint usable. The newest :data:`KEEP` checkpoints are kept, so that a latest one that does
+not load (a truncated file, a ``LAST`` naming a missing folder) leaves an older one to resume from
+(:func:`load_checkpoint`).
 
 Everything published here gets the permissions of an ordinary file or folder under the process's umask
 (``mkstemp``/``mkdtemp`` and safetensors create owner-only files; run folders are shared by teams).
