@@ -1,17 +1,16 @@
 """The training loop. It does not know which method it runs (see ``kdlab.methods.base``).
 
-Per optimizer step: ``train.grad_accum`` micro-batches through the phase's ``method.loss`` and one
-backward each, then each parameter group's optimizer steps (``kdlab.optim``: AdamW, DeepSpeed ZeRO for
-the student under hardware=zero2/zero3), then its schedule. Every ``eval_every`` steps the student of the
-last phase is validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is
-saved to ``student_best/``; an earlier phase that keeps its best student
-(``Phase.keep_best_valid_loss``, MiniLLM's SFT) is validated by loss only, and the next phase starts from
-its lowest-loss student (``phase<i>_best/``). Every
-``save_every`` steps a resumable checkpoint is written. Running the same job again in the same folder
-resumes from the newest checkpoint that loads and reproduces the uninterrupted run; the metrics logged
-after it (or all of them, when there is none) are dropped first, so no step is logged twice. SIGTERM,
-SIGUSR1 and SIGUSR2 end training at the next step boundary with a checkpoint of that step
-(``kdlab.preemption``).
+Per optimizer step: ``train.grad_accum`` micro-batches through the running phase's ``method.loss`` and
+one backward each, then every parameter group's optimizer step (``kdlab.optim``: AdamW, or DeepSpeed
+ZeRO for the student under hardware=zero2/zero3) and schedule step. Every ``eval_every`` steps the last
+phase's student is validated (greedy ROUGE-L and loss on the validation split) and the best one by
+ROUGE-L is saved to ``student_best/``; an earlier phase that keeps its best student
+(``Phase.keep_best_valid_loss``: MiniLLM's SFT) is validated by loss only, and the next phase starts
+from its lowest-loss student (``phase<i>_best/``). Every ``save_every`` steps a resumable checkpoint
+is written. Running the same job again in the same folder resumes from the newest checkpoint that
+loads and reproduces the uninterrupted run; the metrics logged after it (or all of them, when there is
+none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end training at the
+next step boundary with a checkpoint of that step (``kdlab.preemption``).
 """
 from __future__ import annotations
 
