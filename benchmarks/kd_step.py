@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from benchmarks.harness import autocast_steps, load_models, median_times, peak_tensor_bytes, placement, teacher_label
-from kdlab.trainer import make_optimizer
+from kdlab.optim import make_optimizer
 
 GB = 1024**3
 REFERENCE_S = {"floor_full": 3.51, "floor_response": 2.28, "kd": 2.32}   # REFERENCE.md, 4-layer student

@@ -20,7 +20,7 @@ from kdlab.methods import build_method
 from kdlab.methods.base import Context
 from kdlab.student import build_student
 from kdlab.teacher import load_teacher
-from kdlab.trainer import make_optimizer
+from kdlab.optim import make_optimizer
 
 
 def timed_steps(method, data, steps: int) -> float:

@@ -43,7 +43,7 @@ from kdlab.methods.okd import adapted_blocks
 from kdlab.modeling import layer_list
 from kdlab.student import build_student
 from kdlab.teacher import load_teacher
-from kdlab.trainer import make_optimizer
+from kdlab.optim import make_optimizer
 
 GB = 1024**3
 

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from benchmarks.harness import (as_list, autocast_steps, load_models, median_times, peak_tensor_bytes, placement,
                                 teacher_label)
 from kdlab.modeling import sparse_tied_embedding_grad
-from kdlab.trainer import make_optimizer
+from kdlab.optim import make_optimizer
 
 GB = 1024**3
 

@@ -1,12 +1,13 @@
 """Crash-safe files: atomic JSON, atomic folders, and resumable training checkpoints.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` holding ``params.safetensors`` (every trainable
-parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states, data
-position, method state; tensors and plain containers only, loaded with ``weights_only=True``). It is
-written under a temporary name and renamed, then ``checkpoints/LAST`` is atomically repointed, and only
-then are older checkpoints removed: a crash at any moment leaves the previous checkpoint usable. The
-newest :data:`KEEP` checkpoints are kept, so that a latest one that does not load (a truncated file, a
-``LAST`` naming a missing folder) leaves an older one to resume from (:func:`load_checkpoint`).
+parameter, by optimizer group) and ``state.pt`` (optimizer and schedule states, RNG states
+(:func:`capture_rng`), data position, method state; tensors and plain containers only, loaded with
+``weights_only=True``). It is written under a temporary name and renamed, then ``checkpoints/LAST`` is
+atomically repointed, and only then are older checkpoints removed: a crash at any moment leaves the
+previous checkpoint usable. The newest :data:`KEEP` checkpoints are kept, so that a latest one that does
+not load (a truncated file, a ``LAST`` naming a missing folder) leaves an older one to resume from
+(:func:`load_checkpoint`).
 
 Everything published here gets the permissions of an ordinary file or folder under the process's umask
 (``mkstemp``/``mkdtemp`` and safetensors create owner-only files; run folders are shared by teams).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from kdlab import distributed
 
 KEEP = 2   # checkpoints kept: the newest, and one to fall back on when it does not load
 
@@ -124,10 +128,17 @@ def save_checkpoint(root: Path, step: int, params: dict[str, list[torch.Tensor]]
         save_file(flat, tmp / "params.safetensors")
         torch.save(state, tmp / "state.pt")
     atomic_write_text(root / "LAST", name + "\n")
-    kept = [p for p in sorted(root.glob("step-*")) if p.name <= name]
-    for old in set(root.glob("step-*")) - set(kept[-keep:]):
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root.glob("step-*"), name, keep)
     return root / name
+
+
+def prune(folders, newest: str, keep: int = KEEP) -> None:
+    """Remove all of ``folders`` but the ``keep`` newest up to ``newest`` (names sort by age). Later ones
+    are a trajectory this job abandoned (it resumed from an earlier one)."""
+    folders = set(folders)
+    kept = sorted(p for p in folders if p.name <= newest)[-keep:]
+    for old in folders - set(kept):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(root: Path, say=lambda line: print(line, file=sys.stderr)):
@@ -169,3 +180,27 @@ def restore_params(params: dict[str, list[torch.Tensor]], flat: dict[str, torch.
         for group, ps in params.items():
             for i, p in enumerate(ps):
                 p.copy_(flat[f"{group}/{i}"])
+
+
+def capture_rng(world_size: int) -> dict:
+    """This process's RNG states (torch, Python, CUDA where present) and, with several ranks, every
+    rank's torch and Python states: each rank draws from its own stream (``distributed.seed_rank``).
+    Every rank must call it."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if world_size > 1:
+        state["rank_rng"] = distributed.gather_objects((torch.get_rng_state(), random.getstate()))
+    return state
+
+
+def restore_rng(state: dict, rank: int, world_size: int) -> None:
+    """Continue the streams :func:`capture_rng` saved; a job resumed on another number of ranks
+    continues rank 0's stream on every rank."""
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if len(state.get("rank_rng", [])) == world_size:
+        torch.set_rng_state(state["rank_rng"][rank][0])
+        random.setstate(state["rank_rng"][rank][1])

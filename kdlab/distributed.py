@@ -13,7 +13,7 @@
   ``generate`` and ``save_pretrained`` work unchanged). The price is no overlap of communication with
   backward (one flat all-reduce per group per step).
 - ``zero2`` / ``zero3``: DeepSpeed ZeRO for the ``student`` group (:class:`ZeroStudent`); other
-  groups (OKD's teacher adapter) stay on AdamW + :func:`average_gradients`. Under ZeRO-3 the frozen
+  groups (OKD's teacher adapter) stay on AdamW + :func:`average_gradients` (``kdlab.optim``). Under ZeRO-3 the frozen
   teacher is sharded too, inference-only (:func:`shard_teacher`). See docs/SCALING.md.
 
 Data: the global batch ``train.batch_size`` is cut into ``grad_accum`` micro-batches, each of which is
@@ -298,12 +298,14 @@ class ZeroStudent:
     ``method.student`` stays the HF module the engine wraps: calling it directly runs the same
     parameters (ZeRO-3's gather/release hooks sit on its submodules), so ``Method.loss`` and
     ``generate`` need no change. The trainer calls :meth:`backward` with the unscaled micro-batch loss
-    (DeepSpeed divides by ``gradient_accumulation_steps``) and :meth:`step` once per optimizer step.
+    (DeepSpeed divides by ``gradient_accumulation_steps``) and :meth:`step` once per optimizer step, as
+    it calls every optimizer (``kdlab.optim``).
     """
 
     def __init__(self, model, optimizer, config: dict):
         import deepspeed
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.checkpoint_params = []   # the engine checkpoints them (partitioned under ZeRO-3), not the trainer
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -315,9 +317,10 @@ class ZeroStudent:
         return float(norm) if norm is not None else float("nan")
 
     def save(self, folder, tag: str) -> None:
+        """Writes the engine's shards to ``folder/tag``; nothing goes into the trainer's checkpoint."""
         self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
 
-    def load(self, folder, tag: str) -> None:
+    def load(self, folder, tag: str, saved=None) -> None:
         self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
 
 

@@ -1,21 +1,20 @@
 """The training loop. It does not know which method it runs (see ``kdlab.methods.base``).
 
-Per optimizer step: ``train.grad_accum`` micro-batches through ``method.loss`` and one backward each,
-gradient clipping per optimizer, AdamW steps, schedule steps. Every ``eval_every`` steps the student is
-validated (greedy ROUGE-L and loss on the validation split) and the best one by ROUGE-L is saved to
-``student_best/``; an earlier phase that keeps its best student (MiniLLM's SFT) is validated by loss
-only, and the next phase starts from its lowest-loss student (``phase<i>_best/``). Every
-``save_every`` steps a resumable checkpoint is written. Running the same job again in the same folder
-resumes from the newest checkpoint that loads and reproduces the uninterrupted run; the metrics logged
-after it (or all of them, when there is none) are dropped first, so no step is logged twice. SIGTERM,
-SIGUSR1 and SIGUSR2 end training at the next step boundary with a checkpoint of that step
-(``kdlab.preemption``).
+Per optimizer step: ``train.grad_accum`` micro-batches through the running phase's ``method.loss`` and
+one backward each, then every parameter group's optimizer step (``kdlab.optim``: AdamW, or DeepSpeed
+ZeRO for the student under hardware=zero2/zero3) and schedule step. Every ``eval_every`` steps the last
+phase's student is validated (greedy ROUGE-L and loss on the validation split) and the best one by
+ROUGE-L is saved to ``student_best/``; an earlier phase that keeps its best student
+(``Phase.keep_best_valid_loss``: MiniLLM's SFT) is validated by loss only, and the next phase starts
+from its lowest-loss student (``phase<i>_best/``). Every ``save_every`` steps a resumable checkpoint
+is written. Running the same job again in the same folder resumes from the newest checkpoint that
+loads and reproduces the uninterrupted run; the metrics logged after it (or all of them, when there is
+none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end training at the
+next step boundary with a checkpoint of that step (``kdlab.preemption``).
 """
 from __future__ import annotations
 
 import math
-import random
-import shutil
 import time
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from kdlab import distributed, optim
+from kdlab.checkpoint import (atomic_dir, capture_rng, load_checkpoint, prune, recover_dir, restore_params, restore_rng,
+                              save_checkpoint)
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
-from kdlab.checkpoint import KEEP, atomic_dir, load_checkpoint, recover_dir, restore_params, save_checkpoint
 from kdlab.data import batches
-from kdlab import distributed
 from kdlab.preemption import StopSignals
 from kdlab.metrics.evaluate import evaluate, test_loss
 from kdlab.modeling import sparse_tied_embedding_grad
@@ -58,44 +58,31 @@ def validate_train(cfg) -> None:
                           f"make batch_size a multiple of grad_accum")
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases), fused: one kernel per step
-    and no parameter-sized temporaries (the default for-each AdamW's are the largest tensors of a KD
-    step once the loss is chunked)."""
-    params = list(params)
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
-
-
-def lr_lambda(total: int, warmup: int, schedule: str):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return factor
-
-
 def save_pretrained(model, tokenizer, folder: Path) -> None:
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
 
+def save_weights(model, folder: Path) -> None:
+    with atomic_dir(folder) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+
+
 class Trainer:
-    def __init__(self, method, train_items, valid_items, cfg, runtime, logger, run_dir: Path, tokenizer,
-                 vocab_size: int):
+    def __init__(self, method, train_items, valid_items, cfg, runtime, logger, run_dir: Path, tokenizer):
         self.method, self.cfg, self.train_cfg = method, cfg, cfg.train
         self.train_items, self.valid_items = train_items, valid_items
-        self.runtime, self.logger, self.run_dir = runtime, logger, Path(run_dir)
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.runtime, self.logger, self.run_dir, self.tokenizer = runtime, logger, Path(run_dir), tokenizer
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.zero_dir = self.ckpt_dir / "deepspeed"   # ZeRO's shards, one folder per checkpoint tag
+        self.phases = method.phases()
+        self.phase = None                   # the running one: its method is the one trained and checkpointed
+        self.optimizers, self.schedules = {}, {}   # by parameter group of the running phase (kdlab.optim)
         self.best_rouge = -math.inf
-        self.phase_best_loss = math.inf   # of the running phase, when it keeps its best (Phase.keep_best_valid_loss)
-        self.zero = None    # distributed.ZeroStudent owning the "student" group under hardware=zero2/zero3
-        self.signals = StopSignals()   # active during fit
+        self.phase_best_loss = math.inf     # of the running phase, when it keeps its best student
+        self.time_before, self.started = 0.0, time.time()   # training time of the runs resumed; this one's start
+        self.signals = StopSignals()        # active during fit
         if runtime.strategy in ("none", "ddp"):   # DeepSpeed's ZeRO hooks expect dense gradients
             sparse_tied_embedding_grad(method.student)
         if cfg.train.batch_size % (runtime.world_size * cfg.train.grad_accum):
@@ -103,142 +90,88 @@ class Trainer:
                               f"{runtime.world_size} * {cfg.train.grad_accum}; each rank takes an equal slice of "
                               f"every micro-batch")
 
-    # -- optimisation ----------------------------------------------------------------------------
-    def build_optimizers(self, method, total_steps: int, schedule: str):
-        tc = self.train_cfg
-        self.groups = method.param_groups()
-        self.optimizers, self.schedulers = {}, {}
-        warmup = int(tc.warmup_ratio * total_steps)
-        for name, group in self.groups.items():
-            wd = tc.weight_decay if group.weight_decay is None else group.weight_decay
-            opt = make_optimizer(group.params, group.lr, wd)
-            self.optimizers[name] = opt
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup, schedule))
-        distributed.broadcast_params(p for group in self.groups.values() for p in group.params)
-        if self.runtime.strategy == "zero3" and set(self.groups) != {"student"}:
-            # ZeRO-3 partitions every parameter of the (sharded) teacher, a module trained on it included
-            raise ConfigError(f"hardware=zero3 trains only the student, but method={method.name} also trains "
-                              f"{sorted(set(self.groups) - {'student'})}; use hardware=zero2 or hardware=ddp")
-        if self.runtime.strategy in distributed.ZERO_STAGE and "student" in self.groups:
-            # the schedule above stays kdlab's: it sets the lr of the param groups ZeRO's optimizer reads
-            ds = distributed.deepspeed_config(self.runtime.strategy, self.runtime.cfg.dtype, tc, self.runtime.world_size,
-                                              self.runtime.cfg.get("deepspeed"))
-            self.zero = distributed.ZeroStudent(method.student, self.optimizers["student"], ds)
+    def steps_for(self, phase) -> int:
+        tc, per_epoch = self.train_cfg, len(self.train_items) // self.train_cfg.batch_size
+        if phase.max_steps is not None or phase.epochs is not None:
+            return phase.max_steps if phase.max_steps is not None else phase.epochs * per_epoch
+        return tc.max_steps if tc.max_steps is not None else tc.epochs * per_epoch
 
+    def elapsed(self) -> float:
+        return self.time_before + time.time() - self.started
+
+    # -- checkpoints -------------------------------------------------------------------------------
     def params(self) -> dict[str, list[torch.Tensor]]:
-        # under ZeRO the engine checkpoints the student group (its parameters may be partitioned)
-        return {name: list(group.params) for name, group in self.groups.items()
-                if not (self.zero is not None and name == "student")}
+        return {name: opt.checkpoint_params for name, opt in self.optimizers.items()}
 
     @staticmethod
     def zero_tag(phase_index: int, step: int) -> str:
         return f"phase{phase_index}-step{step:07d}"
 
-    def steps_for(self, phase) -> int:
-        tc = self.train_cfg
-        if phase.max_steps is not None:
-            return phase.max_steps
-        per_epoch = len(self.train_items) // tc.batch_size
-        if phase.epochs is not None:
-            return phase.epochs * per_epoch
-        if tc.max_steps is not None:
-            return tc.max_steps
-        return tc.epochs * per_epoch
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    def checkpoint_state(self, phase_index: int, step: int, position: tuple[int, int], method) -> dict:
-        state = {
-            "phase": phase_index, "step": step, "epoch": position[0], "batch": position[1],
-            "best_rouge": self.best_rouge, "phase_best_loss": self.phase_best_loss,
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "method": method.state_dict(), "elapsed_s": self.elapsed(),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.runtime.world_size > 1:   # each rank has its own stream (distributed.seed_rank)
-            state["rank_rng"] = distributed.gather_objects((torch.get_rng_state(), random.getstate()))
-            state["replica_digests"] = distributed.check_replicas(self.params())
-        if self.zero is not None:         # ZeRO's optimizer states live in its own checkpoint
-            del state["optimizers"]["student"]
-        return state
-
-    def restore(self, flat, state, method) -> None:
-        restore_params(self.params(), flat)
-        for k, o in self.optimizers.items():
-            if self.zero is not None and k == "student":
-                self.zero.load(self.ckpt_dir / "deepspeed", self.zero_tag(state["phase"], state["step"]))
-                continue
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if len(state.get("rank_rng", [])) == self.runtime.world_size:
-            torch.set_rng_state(state["rank_rng"][self.runtime.rank][0])
-            random.setstate(state["rank_rng"][self.runtime.rank][1])
-        self.best_rouge = state["best_rouge"]
-        self.phase_best_loss = state.get("phase_best_loss", math.inf)
-        method.load_state_dict(state["method"])
-
-    def save(self, index: int, step: int, offset: int, position: tuple[int, int], method) -> None:
+    def save(self, index: int, step: int, offset: int, position: tuple[int, int]) -> None:
         """Every rank takes part (RNG states are gathered, ZeRO writes its shards); rank 0 writes the
         checkpoint, which points at the ZeRO tag only once that is complete; the others wait."""
-        if self.zero is not None:
-            self.zero.save(self.ckpt_dir / "deepspeed", self.zero_tag(index, step))
-        state = self.checkpoint_state(index, step, position, method)
+        tag = self.zero_tag(index, step)
+        saved = {name: opt.save(self.zero_dir, tag) for name, opt in self.optimizers.items()}
+        state = {
+            "phase": index, "step": step, "epoch": position[0], "batch": position[1],
+            "best_rouge": self.best_rouge, "phase_best_loss": self.phase_best_loss,
+            "optimizers": {name: s for name, s in saved.items() if s is not None},   # None: in ZeRO's shards
+            "schedulers": {name: s.state_dict() for name, s in self.schedules.items()},
+            "method": self.phase.method.state_dict(), "elapsed_s": self.elapsed(),
+            **capture_rng(self.runtime.world_size),
+        }
+        if self.runtime.world_size > 1:
+            state["replica_digests"] = distributed.check_replicas(self.params())
         if self.runtime.is_main:
             save_checkpoint(self.ckpt_dir, offset + step, self.params(), state)
-            if self.zero is not None:   # the tags of the checkpoints kept (names sort by phase, then step)
-                tags = sorted(p for p in (self.ckpt_dir / "deepspeed").iterdir() if p.is_dir())
-                kept = tags[:tags.index(self.ckpt_dir / "deepspeed" / self.zero_tag(index, step)) + 1][-KEEP:]
-                for old in set(tags) - set(kept):
-                    shutil.rmtree(old, ignore_errors=True)
+            prune(self.zero_dir.glob("phase*"), tag)   # tags sort by phase, then step, as checkpoints do
         distributed.barrier()
 
+    def restore(self, flat, state) -> None:
+        restore_params(self.params(), flat)
+        tag = self.zero_tag(state["phase"], state["step"])
+        for name, opt in self.optimizers.items():
+            opt.load(self.zero_dir, tag, state["optimizers"].get(name))
+        for name, s in self.schedules.items():
+            s.load_state_dict(state["schedulers"][name])
+        restore_rng(state, self.runtime.rank, self.runtime.world_size)
+        self.best_rouge = state["best_rouge"]
+        self.phase_best_loss = state.get("phase_best_loss", math.inf)
+        self.phase.method.load_state_dict(state["method"])
+
     # -- validation --------------------------------------------------------------------------------
-    def validate(self, step: int) -> dict:
-        if not self.runtime.evaluates:
-            distributed.barrier()
-            return {}
+    def keep_best(self, score: float, best: float, write) -> float:
+        """The new best of ``score`` and ``best`` (higher is better); when ``score`` beats ``best``, rank 0
+        writes the student with ``write(student)`` (under ZeRO-3 every rank gathers its shards for it)."""
+        if not score > best:
+            return best
+        student = self.method.student
+        with distributed.full_params(student, self.runtime.strategy):
+            if self.runtime.is_main:
+                write(student)
+        return score
+
+    def validate(self, index: int, step: int, is_last: bool) -> dict:
+        """The last phase: greedy ROUGE-L and loss, the best student by ROUGE-L kept in ``student_best/``.
+        An earlier one: the loss only, the lowest-loss student kept in ``phase<index>_best/``."""
+        student = self.method.student
+        if not is_last:
+            loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
+                             self.runtime.autocast())
+            self.phase_best_loss = -self.keep_best(-loss, -self.phase_best_loss,
+                                                   lambda model: save_weights(model, self.phase_best_dir(index)))
+            return {f"valid/{self.phase.name}_loss": loss}
         cfg = self.cfg.eval.copy()
         cfg.do_sample = False
-        student = self.method.student
-        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime,
-                          desc=f"valid@{step}")
-        metrics = {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
-                   "valid/loss": result["loss"]}
-        if result["rougeL"] > self.best_rouge:
-            self.best_rouge = result["rougeL"]
-            with distributed.full_params(student, self.runtime.strategy):
-                if self.runtime.is_main:
-                    save_pretrained(student, self.tokenizer, self.run_dir / "student_best")
-        metrics["valid/best_rougeL"] = self.best_rouge
-        distributed.barrier()
-        return metrics
+        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime, desc=f"valid@{step}")
+        best_dir = self.run_dir / "student_best"
+        self.best_rouge = self.keep_best(result["rougeL"], self.best_rouge,
+                                         lambda model: save_pretrained(model, self.tokenizer, best_dir))
+        return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
+                "valid/loss": result["loss"], "valid/best_rougeL": self.best_rouge}
 
     def phase_best_dir(self, index: int) -> Path:
         return self.run_dir / f"phase{index}_best"
-
-    def validate_phase_loss(self, index: int, name: str) -> dict:
-        """Validation loss of a phase that keeps its best student; a new best is saved (safetensors)."""
-        metrics = {}
-        if self.runtime.evaluates:
-            student = self.method.student
-            loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
-                             self.runtime.autocast())
-            metrics[f"valid/{name}_loss"] = loss
-            if loss < self.phase_best_loss:
-                self.phase_best_loss = loss
-                with distributed.full_params(student, self.runtime.strategy):
-                    if self.runtime.is_main:
-                        with atomic_dir(self.phase_best_dir(index)) as tmp:
-                            save_model(student, str(tmp / "model.safetensors"))
-        distributed.barrier()
-        return metrics
 
     def restore_phase_best(self, index: int) -> None:
         """Every rank loads the phase's lowest-validation-loss student (ZeRO-3: rank 0's copy is broadcast)."""
@@ -253,44 +186,39 @@ class Trainer:
     def fit(self) -> dict:
         if self.runtime.is_main:
             recover_dir(self.run_dir / "student_best")
-            for index in range(len(self.method.phases())):
+            for index in range(len(self.phases)):
                 recover_dir(self.phase_best_dir(index))
         resume = load_checkpoint(self.ckpt_dir)
         if resume is None:
             self.logger.truncate_after(0)   # a job killed before its first checkpoint logged steps it redoes
         start_phase = resume[1]["phase"] if resume else 0
-        global_offset = 0
-        phases = self.method.phases()
-        t_start = time.time()
-        elapsed = resume[1].get("elapsed_s", 0.0) if resume else 0.0
-        self.elapsed = lambda: elapsed + time.time() - t_start
+        self.time_before, self.started = resume[1].get("elapsed_s", 0.0) if resume else 0.0, time.time()
+        offset = 0
         with self.signals:
-            for index, phase in enumerate(phases):
+            for index, phase in enumerate(self.phases):
                 total = self.steps_for(phase)
-                if index < start_phase:
-                    global_offset += total
-                    continue
-                self.run_phase(index, phase, total, global_offset, resume if index == start_phase else None,
-                               validates=index == len(phases) - 1)
-                global_offset += total
+                if index >= start_phase:
+                    self.run_phase(index, phase, total, offset, resume if index == start_phase else None,
+                                   is_last=index == len(self.phases) - 1)
+                offset += total
         return {"train_time_s": self.elapsed()}
 
-    def run_phase(self, index, phase, total, offset, resume, validates: bool) -> None:
-        """Train one phase; only the last phase validates (and so selects the best student)."""
-        tc, method = self.train_cfg, phase.method
-        self.build_optimizers(method, total, phase.schedule or tc.schedule)
-        step, epoch, batch_index = 0, 0, 0
+    def run_phase(self, index, phase, total, offset, resume, is_last: bool) -> None:
+        """Train one phase. The last one validates by ROUGE-L; an earlier one that keeps its best student
+        validates by loss and hands its lowest-loss student to the next phase."""
+        tc = self.train_cfg
+        self.phase = phase
+        self.optimizers, self.schedules = optim.build(phase.method, tc, total, phase.schedule or tc.schedule,
+                                                      self.runtime)
         self.phase_best_loss = math.inf
-        keeps_best = phase.keep_best_valid_loss and not validates and bool(tc.eval_every)
+        keeps_best = phase.keep_best_valid_loss and not is_last and bool(tc.eval_every)
+        step, epoch, batch_index = 0, 0, 0
         if resume is not None:
-            flat, state = resume
-            self.restore(flat, state, method)
-            step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
+            self.restore(*resume)
+            step, epoch, batch_index = (resume[1][key] for key in ("step", "epoch", "batch"))
             self.logger.truncate_after(offset + step)
-        micro = tc.batch_size // tc.grad_accum
-        data = batches(self.train_items, micro, self.tokenizer.pad_token_id, self.cfg.seed, epoch,
-                       batch_index * tc.grad_accum)
-        position = (epoch, batch_index)
+        data = batches(self.train_items, tc.batch_size // tc.grad_accum, self.tokenizer.pad_token_id, self.cfg.seed,
+                       epoch, batch_index * tc.grad_accum)
         bar = tqdm(total=total, initial=step, desc=phase.name, dynamic_ncols=True, disable=not self.runtime.is_main)
         while step < total:
             t0 = time.time()
@@ -299,30 +227,19 @@ class Trainer:
                 epoch, micro_index, batch = next(data)
                 batch = distributed.rank_slice(batch, self.runtime.rank, self.runtime.world_size).to(self.runtime.device)
                 with self.runtime.autocast():
-                    out = method.loss(batch, offset + step)
-                if self.zero is not None:
-                    self.zero.backward(out.loss)    # DeepSpeed divides by its gradient_accumulation_steps
-                else:
-                    (out.loss / tc.grad_accum).backward()
+                    out = phase.method.loss(batch, offset + step)
+                # one backward fills every group's gradients; under ZeRO the student's engine must run it
+                self.optimizers["student"].backward(out.loss)
                 tokens += int(batch.attention_mask.sum())
                 for k, v in {"loss": out.loss.item(), **out.logs}.items():
                     logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
             position = (epoch, (micro_index + 1) // tc.grad_accum)
             for name, opt in self.optimizers.items():
-                if self.zero is not None and name == "student":
-                    logs[f"grad_norm/{name}"] = self.zero.step()   # reduces, clips, steps, zeroes
-                    logs[f"lr/{name}"] = self.schedulers[name].get_last_lr()[0]
-                    self.schedulers[name].step()
-                    continue
-                # the mean over ranks of their micro-batch gradients = one process on the global batch
-                distributed.average_gradients(self.groups[name].params)
-                if tc.grad_clip:
-                    norm = torch.nn.utils.clip_grad_norm_(self.groups[name].params, tc.grad_clip)
-                    logs[f"grad_norm/{name}"] = float(norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                logs[f"lr/{name}"] = self.schedulers[name].get_last_lr()[0]
-                self.schedulers[name].step()
+                norm = opt.step()
+                if norm is not None:
+                    logs[f"grad_norm/{name}"] = norm
+                logs[f"lr/{name}"] = self.schedules[name].get_last_lr()[0]
+                self.schedules[name].step()
             step += 1
             dt = time.time() - t0
             bar.update(1)
@@ -333,15 +250,15 @@ class Trainer:
                 tokens = logs.pop("tokens")
                 metrics.update({f"train/{k}": v for k, v in logs.items()})
                 metrics.update({"train/step_time_s": dt, "train/tokens_per_s": tokens / dt, "train/phase": index})
-            if validates and tc.eval_every and (step % tc.eval_every == 0 or step == total):
-                metrics.update(self.validate(offset + step))
-            if keeps_best and (step % tc.eval_every == 0 or step == total):
-                metrics.update(self.validate_phase_loss(index, phase.name))
+            if (is_last or keeps_best) and tc.eval_every and (step % tc.eval_every == 0 or step == total):
+                if self.runtime.evaluates:
+                    metrics.update(self.validate(index, offset + step, is_last))
+                distributed.barrier()
             if metrics:
                 self.logger.log(metrics, step=offset + step)
             signum = self.signals.requested(self.runtime.device)
             if signum or tc.save_every and (step % tc.save_every == 0 or step == total):
-                self.save(index, step, offset, position, method)
+                self.save(index, step, offset, position)
             if signum:
                 bar.close()
                 raise self.signals.stop(signum, offset + step)

@@ -66,8 +66,8 @@ def test_the_best_sft_student_survives_a_resume(monkeypatch, tmp_path):
     scripted = ScriptedLoss([3.0, 1.0])
     original_save = trainer_module.Trainer.save
 
-    def save_then_stop(self, index, step, offset, position, method):
-        original_save(self, index, step, offset, position, method)
+    def save_then_stop(self, index, step, offset, position):
+        original_save(self, index, step, offset, position)
         if (index, step) == (0, 4):
             raise Preempted
     monkeypatch.setattr(trainer_module, "test_loss", scripted)
@@ -92,10 +92,44 @@ def test_without_validation_the_policy_phase_starts_from_the_last_sft_step(monke
     sft_end = {}
     original_save = trainer_module.Trainer.save
 
-    def save(self, index, step, offset, position, method):
+    def save(self, index, step, offset, position):
         if index == 0:
             sft_end["state"] = {k: v.detach().clone() for k, v in self.method.student.state_dict().items()}
-        original_save(self, index, step, offset, position, method)
+        original_save(self, index, step, offset, position)
     monkeypatch.setattr(trainer_module.Trainer, "save", save)
     train_and_evaluate(smoke_config(*MINILLM, "train.eval_every=null"), tmp_path)
     assert scripted.seen == [] and same(start["state"], sft_end["state"])
+
+
+def test_keep_best_writes_only_a_new_best(tmp_path):
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)   # keep_best reads the student and runtime only
+    trainer.method = type("M", (), {"student": torch.nn.Linear(2, 2)})()
+    trainer.runtime = type("R", (), {"strategy": "none", "is_main": True})()
+    written = []
+    best = -float("inf")
+    for score in [1.0, 0.5, 2.0, 2.0, float("nan")]:
+        best = trainer.keep_best(score, best, lambda student: written.append((score, student)))
+    assert best == 2.0 and [s for s, _ in written] == [1.0, 2.0]
+    assert written[0][1] is trainer.method.student
+    # a loss is kept as its negative: lower is better
+    assert -trainer.keep_best(-1.5, -1.0, written.append) == 1.0 and len(written) == 2
+    assert -trainer.keep_best(-0.5, -1.0, written.append) == 0.5 and len(written) == 3
+
+
+def test_rng_capture_and_restore_continue_the_same_streams():
+    import random
+
+    from kdlab.checkpoint import capture_rng, restore_rng
+    torch.manual_seed(1)
+    random.seed(1)
+    state = capture_rng(world_size=1)
+    draws = torch.rand(3), random.random()
+    torch.manual_seed(2)
+    random.seed(2)
+    restore_rng(state, rank=0, world_size=1)
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1]
+    # with several ranks, each continues its own stream
+    own = torch.Generator().manual_seed(3), random.Random(3)
+    state["rank_rng"] = [(state["torch_rng"], state["python_rng"]), (own[0].get_state(), own[1].getstate())]
+    restore_rng(state, rank=1, world_size=2)
+    assert torch.equal(torch.rand(2), torch.rand(2, generator=own[0])) and random.random() == own[1].random()

@@ -39,13 +39,18 @@ class LossOutput:
 
 @dataclass
 class Phase:
-    """A stretch of training with its own method and length (``max_steps`` optimizer steps)."""
+    """A stretch of training with its own method and length (``max_steps`` optimizer steps).
+
+    ``keep_best_valid_loss``, for a phase before the last: every ``train.eval_every`` steps (and at its
+    end) the trainer logs the student's validation loss as ``valid/<name>_loss`` and keeps the lowest-loss
+    student in ``phase<i>_best/``; the next phase starts from that student, not the last one (with
+    ``train.eval_every=null``, from the last). The last phase always keeps its best by ROUGE-L instead.
+    """
     name: str
     method: "Method"
     max_steps: int | None = None        # None: the run's train.max_steps / epochs
     schedule: str | None = None         # None: train.schedule (MiniLLM's phase 2 is constant)
-    # a phase before the last: end on its student with the lowest validation loss (MiniLLM's SFT phase)
-    keep_best_valid_loss: bool = False
+    keep_best_valid_loss: bool = False  # MiniLLM's SFT phase (Alg. 1)
     epochs: int | None = None           # the length in epochs instead of max_steps (MiniLLM's 3-epoch SFT)
 
 

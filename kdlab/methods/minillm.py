@@ -6,9 +6,9 @@ Minimises the sequence-level reverse KL ``KL(q_theta || p)`` (Eq. 1) by policy g
    optimizer steps or ``method.sft_epochs`` epochs (App. B: 3 epochs; at most one of the two; both null:
    as long as the run's ``train.max_steps``/``epochs``; ``sft_steps=0``: skip it, e.g. when the student
    is already an SFT checkpoint). As Alg. 1 and App. B prescribe, phase 2 starts from the phase-1
-   student with the lowest validation loss: every ``train.eval_every`` steps (and at the phase's end)
-   the SFT student's loss on the validation split is logged as ``valid/sft_loss`` and a new best is
-   kept in ``phase0_best/`` (with ``train.eval_every=null``, the last SFT step).
+   student with the lowest validation loss, the trainer's :attr:`Phase.keep_best_valid_loss`: logged
+   as ``valid/sft_loss`` every ``train.eval_every`` steps, the best kept in ``phase0_best/`` (with
+   ``train.eval_every=null``, the last SFT step).
 2. ``minillm``: PPO-style updates (Alg. 1) on rollouts drawn from the teacher-mixed distribution
    ``p~ = alpha p + (1 - alpha) q_old`` (Eq. 4; alpha = 0.2, temperature 1, no top-k/top-p), with
 

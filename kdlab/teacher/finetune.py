@@ -43,6 +43,7 @@ import torch
 
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
 DEFAULTS = {
     "mode": "full",          # full | lora
@@ -65,16 +66,9 @@ DEFAULTS = {
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
 SCHEMA = {
     "mode": OneOf("full", "lora"),
-    "max_steps": Range(1, integer=True, optional=True),
-    "epochs": Range(1, integer=True, optional=True),
-    "batch_size": Range(1, integer=True),
-    "grad_accum": Range(1, integer=True),
     "lr": Range(0, low_open=True),
-    "warmup_ratio": Range(0, 1),
-    "schedule": OneOf("linear", "constant"),
-    "weight_decay": Range(0),
-    "grad_clip": Range(0, optional=True),
-    "save_every": Range(1, integer=True, optional=True),
+    **{key: TRAIN_SCHEMA[key] for key in ("max_steps", "epochs", "batch_size", "grad_accum", "warmup_ratio",
+                                          "schedule", "weight_decay", "grad_clip", "save_every")},
     "seed": Range(0, integer=True),
     "lora_rank": Range(1, integer=True),
     "lora_alpha": Range(0, low_open=True),
@@ -182,13 +176,12 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
         model = peft_model.base_model.model   # the causal LM with the adapter injected (response_logits' interface)
     else:
         model.requires_grad_(True)
-    vocab = len(tokenizer)
     method = SFT(OmegaConf.create({"name": "sft", "lr": s["lr"]}),
                  Context(teacher=None, student=model, tokenizer=tokenizer, divergence=None, runtime=runtime,
                          train_cfg=job.train))
     work.mkdir(parents=True, exist_ok=True)
     logger = Logger([JsonlSink(work)])
-    info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer, vocab).fit()
+    info = Trainer(method, train_items, [], job, runtime, logger, work, tokenizer).fit()
     logger.finish()
     if peft_model is not None:
         model = peft_model.merge_and_unload()
