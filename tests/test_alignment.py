@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import conf_option
 from kdlab.alignment import (CrossTokenizer, Group, align, align_response, group_rows, shared_vocabulary,
                              token_bytes)
 from kdlab.data import Encoded, collate, format_prompt
@@ -28,11 +28,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from omegaconf import OmegaConf
-
     from kdlab.modeling import load_tokenizer
 
-    return load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    return load_tokenizer(conf_option("teacher", "smollm2-135m"), "teacher")
 
 
 def student_side(tok, example, template="alpaca"):
