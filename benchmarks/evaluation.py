@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from kdlab.config import load_option
 from kdlab.data import collate, encode
 from kdlab.generation import generate
 from kdlab.student import build_student
@@ -45,9 +45,9 @@ def run(args: dict) -> dict:
         torch.set_num_threads(int(args["threads"]))
     n, max_new = int(args.get("prompts", 32)), int(args.get("max_new_tokens", 64))
     batch_size = int(args.get("batch_size", 32))
-    teacher_cfg = OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml")
+    teacher_cfg = load_option("teacher", "smollm2-135m")
     teacher, tokenizer = load_teacher(teacher_cfg, torch.float32)
-    student, tokenizer = build_student(OmegaConf.load(ROOT / "conf" / "student" / "smollm2-6l.yaml"), teacher,
+    student, tokenizer = build_student(load_option("student", "smollm2-6l"), teacher,
                                        tokenizer, teacher_cfg.name, torch.float32)
     del teacher
     student.eval()

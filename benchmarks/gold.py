@@ -37,11 +37,10 @@ GB = 1024**3
 
 
 def tokenizers():
-    from omegaconf import OmegaConf
-
+    from kdlab.config import load_option
     from kdlab.modeling import byte_tokenizer, load_tokenizer
 
-    return byte_tokenizer(), load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    return byte_tokenizer(), load_tokenizer(load_option("teacher", "smollm2-135m"), "teacher")
 
 
 def make_batch(student_tok, teacher_tok, rows: list[dict], max_bytes: int, seed: int) -> dict:

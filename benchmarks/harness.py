@@ -78,15 +78,13 @@ def machine() -> dict:
 
 def load_models(args: dict):
     """``(teacher, student, tokenizer, template, runtime)`` of a benchmark on ``--device`` (module docstring)."""
-    from omegaconf import OmegaConf
-
+    from kdlab.config import load_option
     from kdlab.hardware import Runtime
     from kdlab.student import build_student
     from kdlab.teacher import load_teacher
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    teacher_cfg = OmegaConf.load(conf / "teacher" / f"{args.get('teacher', 'smollm2-135m')}.yaml")
-    student_cfg = OmegaConf.load(conf / "student" / f"{args.get('student', 'smollm2-6l')}.yaml")
+    teacher_cfg = load_option("teacher", str(args.get("teacher", "smollm2-135m")))
+    student_cfg = load_option("student", str(args.get("student", "smollm2-6l")))
     if args.get("teacher_shape"):
         teacher, tok = random_teacher(str(args["teacher_shape"]))
     else:

@@ -15,6 +15,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from kdlab.config import load_option
 from kdlab.data import batches, encode, load_splits
 from kdlab.methods import build_method
 from kdlab.methods.base import Context
@@ -37,9 +38,9 @@ def run(args: dict) -> dict:
     batch, new_tokens, steps = int(args.get("batch", 4)), int(args.get("new_tokens", 32)), int(args.get("steps", 4))
     rollouts, ppo_epochs = int(args.get("rollouts", 8)), int(args.get("ppo_epochs", 2))
     torch.manual_seed(0)
-    teacher_cfg = OmegaConf.load("conf/teacher/smollm2-135m.yaml")
+    teacher_cfg = load_option("teacher", "smollm2-135m")
     teacher, tok = load_teacher(teacher_cfg, torch.float32)
-    student, tok = build_student(OmegaConf.load("conf/student/smollm2-6l.yaml"), teacher, tok, teacher_cfg.name,
+    student, tok = build_student(load_option("student", "smollm2-6l"), teacher, tok, teacher_cfg.name,
                                  torch.float32)
     data_cfg = OmegaConf.load("conf/dataset/synthetic.yaml")
     data_cfg.sizes = {"train": 64, "valid": 8, "test": 8}

@@ -33,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.harness import as_list, peak_tensor_bytes
+from kdlab.config import load_option
 from kdlab.data import Encoded, collate
 from kdlab.divergences import build_divergence
 from kdlab.divergences.losses import ForwardKL
@@ -104,8 +105,8 @@ def run(args: dict) -> dict:
     b, p, r = int(args.get("batch", 4)), int(args.get("prompt", 96)), int(args.get("response", 32))
     torch.manual_seed(int(args.get("seed", 0)))
     t0 = time.time()
-    teacher, tok = load_teacher(OmegaConf.load("conf/teacher/smollm2-135m.yaml"), torch.float32)
-    student_cfg = OmegaConf.load("conf/student/smollm2-6l.yaml")
+    teacher, tok = load_teacher(load_option("teacher", "smollm2-135m"), torch.float32)
+    student_cfg = load_option("student", "smollm2-6l")
     student, _ = build_student(student_cfg, teacher, tok, "smollm2-135m", torch.float32)
     load_s = time.time() - t0
     vocab = len(tok)

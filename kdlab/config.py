@@ -7,6 +7,7 @@ that names the bad value and how to fix it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -51,48 +52,48 @@ class Range:
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
 
 
-@dataclass(frozen=True)
-class OneOf:
-    options: tuple
+@dataclass(frozen=True, init=False)
+class _Allowed:
+    """A check given what it allows positionally (``OneOf("a", "b")``); ``optional=True`` also allows None."""
+    allowed: tuple
     optional: bool = False
 
-    def __init__(self, *options: Any, optional: bool = False):
-        object.__setattr__(self, "options", tuple(options))
+    def __init__(self, *allowed: Any, optional: bool = False):
+        object.__setattr__(self, "allowed", tuple(allowed))
         object.__setattr__(self, "optional", optional)
 
     def __call__(self, key: str, value: Any) -> None:
         if value is None and self.optional:
             return
-        if value not in self.options:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, self.options))}")
+        self.check(key, value)
+
+    def check(self, key: str, value: Any) -> None:
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class Type:
-    types: tuple
-    optional: bool = False
+class OneOf(_Allowed):
+    """One of the given values."""
 
-    def __init__(self, *types: type, optional: bool = False):
-        object.__setattr__(self, "types", tuple(types))
-        object.__setattr__(self, "optional", optional)
+    def check(self, key: str, value: Any) -> None:
+        if value not in self.allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, self.allowed))}")
 
-    def __call__(self, key: str, value: Any) -> None:
-        if value is None and self.optional:
-            return
+
+class Type(_Allowed):
+    """An instance of one of the given types (a bool only where bool is given)."""
+
+    def check(self, key: str, value: Any) -> None:
         value = plain(value)
-        if isinstance(value, bool) and bool not in self.types:
+        if isinstance(value, bool) and bool not in self.allowed:
             ok = False
         else:
-            ok = isinstance(value, self.types)
+            ok = isinstance(value, self.allowed)
         if not ok:
-            names = " or ".join(t.__name__ for t in self.types)
+            names = " or ".join(t.__name__ for t in self.allowed)
             raise ConfigError(f"{key}={value!r} has the wrong type; set {key} to a {names}")
 
 
-Any_ = lambda key, value: None  # noqa: E731  (a key that is allowed and needs no check)
-
-
-def check_section(prefix: str, section: dict, schema: dict, ignore: Iterable[str] = ("name", "_target_")) -> None:
+def check_section(prefix: str, section: dict, schema: dict, ignore: Iterable[str] = ("name",)) -> None:
     """Check every key of ``section`` against ``schema``; unknown keys are typos and are rejected."""
     for key, value in section.items():
         if key in ignore:
@@ -102,3 +103,14 @@ def check_section(prefix: str, section: dict, schema: dict, ignore: Iterable[str
             valid = ", ".join(sorted(schema)) or "(none)"
             raise ConfigError(f"{dotted} is not a known key; valid keys of {prefix}: {valid}")
         schema[key](dotted, value)
+
+
+def load_option(group: str, name: str, conf_dir: str | Path | None = None):
+    """``conf/<group>/<name>.yaml`` as a job sees it, composed over its defaults (teacher and student options
+    extend ``conf/model/``), as a plain, writable DictConfig: for code that builds a model outside a job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf_dir = Path(conf_dir) if conf_dir else Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return OmegaConf.create(OmegaConf.to_container(compose("config", overrides=[f"{group}={name}"])[group]))

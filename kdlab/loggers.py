@@ -14,14 +14,13 @@ import csv
 import json
 import logging
 import os
-import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab import network
 from kdlab.checkpoint import atomic_write_text
 from kdlab.config import ConfigError, OneOf, Type, check_section
 
@@ -159,23 +158,14 @@ class CsvSink:
         self._file.close()
 
 
-def _host_reachable(timeout: float = 1.5) -> bool:
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def resolve_wandb_mode(mode: str | None) -> tuple[str, bool]:
     """(mode, auto): an explicit mode wins, then ``WANDB_MODE``, then online iff the API answers."""
     if mode is not None:
         return mode, False
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"], False
-    return ("online" if _host_reachable() else "offline"), True
+    online = network.reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout=1.5)
+    return ("online" if online else "offline"), True
 
 
 class WandbSink:

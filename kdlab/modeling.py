@@ -14,14 +14,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
-import socket
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdlab.config import ConfigError, OneOf, Range, Type
+from kdlab import network
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 
 SOURCE_SCHEMA = {
     "path": Type(str, optional=True),
@@ -50,23 +49,18 @@ class ModelUnavailable(RuntimeError):
     """A model is neither in the local cache nor reachable; the message is one actionable line."""
 
 
+def validate_source(role: str, cfg, schema: dict) -> None:
+    """Check a teacher or student section against ``schema`` (a superset of :data:`SOURCE_SCHEMA`)."""
+    check_section(role, cfg, schema)
+    if cfg.get("random"):
+        check_section(f"{role}.random", cfg.random, RANDOM_SCHEMA)
+
+
 def source_kind(spec) -> str:
     for kind in ("path", "package", "hub_id", "random"):
         if spec.get(kind):
             return kind
     raise ConfigError(f"{spec.get('name')}: no weights given; set one of path, package, hub_id or random")
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_folder(spec, role: str) -> tuple[str, bool]:
@@ -94,9 +88,10 @@ def resolve_folder(spec, role: str) -> tuple[str, bool]:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(spec.hub_id, spec.gguf_file or "config.json", revision=spec.revision)
+    online = not network.offline() and network.reachable(network.hub_endpoint(), timeout=2.0)
     if isinstance(cached, str):
-        return spec.hub_id, not _hub_reachable()
-    if not _hub_reachable():
+        return spec.hub_id, not online
+    if not online:
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise ModelUnavailable(
             f"{role}={spec.name}: model '{spec.hub_id}' is not in the local cache ({home}) and the hub is "
@@ -170,17 +165,23 @@ def torch_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return getattr(torch, name) if name else default
 
 
+def _pretrained_args(spec, role: str, **extra) -> tuple[str, dict]:
+    """The folder (or hub id) and the ``from_pretrained`` keyword arguments of ``spec``'s source."""
+    folder, local_only = resolve_folder(spec, role)
+    kwargs = dict(local_files_only=local_only, trust_remote_code=spec.trust_remote_code, **extra)
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return folder, kwargs
+
+
 def load_tokenizer(spec, role: str):
     if source_kind(spec) == "random":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    folder, local_only = resolve_folder(spec, role)
-    kwargs = dict(local_files_only=local_only, trust_remote_code=spec.trust_remote_code)
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if spec.revision:
-        kwargs["revision"] = spec.revision
+    folder, kwargs = _pretrained_args(spec, role)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -193,13 +194,7 @@ def load_model(spec, role: str, dtype: torch.dtype, vocab_size: int) -> nn.Modul
         return random_model(spec.random, vocab_size)
     from transformers import AutoModelForCausalLM
 
-    folder, local_only = resolve_folder(spec, role)
-    kwargs = dict(local_files_only=local_only, trust_remote_code=spec.trust_remote_code,
-                  dtype=torch_dtype(spec.get("dtype"), dtype), weights_only=True)
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if spec.revision:
-        kwargs["revision"] = spec.revision
+    folder, kwargs = _pretrained_args(spec, role, dtype=torch_dtype(spec.get("dtype"), dtype), weights_only=True)
     # safetensors when the checkpoint has them; a .bin checkpoint is read with weights_only=True.
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     # A GGUF file is dequantised on load: the in-memory model is a plain one, and saved copies must be too.

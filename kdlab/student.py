@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdlab.config import ConfigError, OneOf, Range, check_section
 from kdlab import distributed
-from kdlab.modeling import (RANDOM_SCHEMA, SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_model,
-                            load_tokenizer, source_kind)
+from kdlab.config import ConfigError, OneOf, Range
+from kdlab.modeling import (SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_model, load_tokenizer,
+                            source_kind, validate_source)
 from kdlab.teacher import load_teacher
 
 SCHEMA = {
@@ -28,9 +28,7 @@ SCHEMA = {
 
 
 def validate_student(cfg) -> None:
-    check_section("student", cfg, SCHEMA)
-    if cfg.get("random"):
-        check_section("student.random", cfg.random, RANDOM_SCHEMA)
+    validate_source("student", cfg, SCHEMA)
     if cfg.init == "teacher_layers" and not cfg.get("num_layers"):
         raise ConfigError("student.init=teacher_layers needs student.num_layers; set student.num_layers=<int>")
 

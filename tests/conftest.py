@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def conf_option(group: str, name: str):
+    """``conf/<group>/<name>.yaml`` as a job sees it (:func:`kdlab.config.load_option`)."""
+    from kdlab.config import load_option
+
+    return load_option(group, name, ROOT / "conf")
+
+
 def kdlab_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")

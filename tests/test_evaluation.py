@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_kdlab
+from conftest import ROOT, conf_option, run_kdlab
 from kdlab.data import collate, encode
 from kdlab.metrics import evaluate as evaluation
 from kdlab.metrics.evaluate import evaluate, generate_texts
@@ -40,8 +40,8 @@ def eval_cfg(**overrides):
 
 @pytest.fixture(scope="module")
 def models():
-    teacher, tok = load_teacher(OmegaConf.load(ROOT / "conf" / "teacher" / "tiny.yaml"), torch.float32)
-    student, _ = build_student(OmegaConf.load(ROOT / "conf" / "student" / "tiny.yaml"), teacher, tok, "tiny",
+    teacher, tok = load_teacher(conf_option("teacher", "tiny"), torch.float32)
+    student, _ = build_student(conf_option("student", "tiny"), teacher, tok, "tiny",
                                torch.float32)
     items = encode(EXAMPLES, tok, "alpaca", 300, 400)
     assert len(items) == len(EXAMPLES)

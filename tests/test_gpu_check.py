@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import ROOT
+from conftest import ROOT, conf_option
 
 GPU = ROOT / "tests" / "gpu"
 SCRIPT = GPU / "run_gpu_check.sh"
@@ -197,7 +197,6 @@ def test_summary_fails_a_job_that_exited_0_without_a_completed_finite_cuda_run(t
 
 def test_a_teacher_shape_rebuilds_the_architecture_and_tokenizer_without_the_weights(tmp_path):
     import torch
-    from omegaconf import OmegaConf
 
     from benchmarks.harness import random_teacher
     from kdlab.teacher import load_teacher
@@ -209,7 +208,7 @@ def test_a_teacher_shape_rebuilds_the_architecture_and_tokenizer_without_the_wei
         sys.path.remove(str(GPU))
     model_shape.main(str(tmp_path / "shape"), "tiny")
     assert not list((tmp_path / "shape").glob("*.safetensors")) and (tmp_path / "shape" / "config.json").exists()
-    real, real_tok = load_teacher(OmegaConf.load(ROOT / "conf" / "teacher" / "tiny.yaml"), torch.float32)
+    real, real_tok = load_teacher(conf_option("teacher", "tiny"), torch.float32)
     shaped, tok = random_teacher(str(tmp_path / "shape"))
     def arch(model):   # the dtype entry records how a config was made, not the architecture
         return {k: v for k, v in model.config.to_diff_dict().items() if k != "dtype"}

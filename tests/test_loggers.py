@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdlab import loggers
+from kdlab import network
 from kdlab.config import ConfigError
 from kdlab.loggers import build_logger, flatten, resolve_wandb_mode, validate_logger
 
@@ -136,13 +136,13 @@ def test_shipped_yaml_configs_validate():
 
 
 def test_wandb_mode_resolution(monkeypatch):
-    monkeypatch.setattr(loggers, "_host_reachable", lambda timeout=1.5: False)
+    monkeypatch.setattr(network, "reachable", lambda url, timeout: False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("online") == ("online", False)  # explicit config wins
     assert resolve_wandb_mode(None) == ("disabled", False)  # then the environment
     monkeypatch.delenv("WANDB_MODE")
     assert resolve_wandb_mode(None) == ("offline", True)  # then reachability
-    monkeypatch.setattr(loggers, "_host_reachable", lambda timeout=1.5: True)
+    monkeypatch.setattr(network, "reachable", lambda url, timeout: True)
     assert resolve_wandb_mode(None) == ("online", True)
 
 

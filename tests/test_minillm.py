@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdlab.methods import minillm
-from conftest import ROOT, response_log_softmax, tiny_method
+from conftest import ROOT, conf_option, response_log_softmax, tiny_method
 from conftest import first_batch as shared_first_batch
 from kdlab.config import ConfigError
 from kdlab.data import batches, encode, load_splits
@@ -24,10 +24,10 @@ from kdlab.teacher import load_teacher
 
 @pytest.fixture(scope="module")
 def setup():
-    teacher, tok = load_teacher(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml"), torch.float32)
+    teacher, tok = load_teacher(conf_option("teacher", "tiny"), torch.float32)
     with torch.no_grad():
         teacher.model.norm.weight.mul_(6.0)  # a peaked teacher, far from the random student
-    student, tok = build_student(OmegaConf.load(ROOT / "conf/student/tiny.yaml"), teacher, tok, "tiny", torch.float32)
+    student, tok = build_student(conf_option("student", "tiny"), teacher, tok, "tiny", torch.float32)
     data = OmegaConf.load(ROOT / "conf/dataset/synthetic.yaml")
     data.sizes = {"train": 48, "valid": 8, "test": 8}
     splits = load_splits(data, 1)
@@ -290,7 +290,7 @@ def heldout_reverse_kl(student, teacher, tok, batch) -> float:
 
 def test_training_lowers_reverse_kl_on_held_out_prompts(setup):
     teacher, _, tok, enc = setup
-    student = build_student(OmegaConf.load(ROOT / "conf/student/tiny.yaml"), teacher, tok, "tiny", torch.float32)[0]
+    student = build_student(conf_option("student", "tiny"), teacher, tok, "tiny", torch.float32)[0]
     method = make_method((teacher, student, tok, enc), rollouts=16, ppo_epochs=2, max_new_tokens=12,
                          sft_steps=0, ptx_weight=0.0)
     held_out = first_batch(setup, size=8, split="valid")

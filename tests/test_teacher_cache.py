@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_kdlab
+from conftest import ROOT, conf_option, run_kdlab
 from kdlab.cache_teacher import cache_teacher
 from kdlab.config import ConfigError
 from kdlab.data import collate, encode, load_splits
@@ -26,14 +26,14 @@ V = 257  # the byte tokenizer: 256 bytes + end-of-text
 def tiny_teacher(extra_rows: int = 0, sharpen: float = 4.0):
     """The `tiny` teacher, its final norm scaled up: a random but peaked (low-entropy) teacher, so a
     student has something to learn from it. ``extra_rows``: LM-head rows beyond the tokenizer."""
-    model = random_model(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml").random, V + extra_rows)
+    model = random_model(conf_option("teacher", "tiny").random, V + extra_rows)
     with torch.no_grad():
         model.model.norm.weight.mul_(sharpen)
     return freeze(model)
 
 
 def tiny_student():
-    return random_model(OmegaConf.load(ROOT / "conf/student/tiny.yaml").random, V).train()
+    return random_model(conf_option("student", "tiny").random, V).train()
 
 
 def run_cfg(**dataset):
@@ -41,7 +41,7 @@ def run_cfg(**dataset):
     ds.sizes = {"train": 24, "valid": 8, "test": 8}
     ds.max_prompt_length, ds.max_length = 320, 400
     ds.merge_with(dataset)
-    return OmegaConf.create({"teacher": OmegaConf.load(ROOT / "conf/teacher/tiny.yaml"), "dataset": ds, "seed": 1})
+    return OmegaConf.create({"teacher": conf_option("teacher", "tiny"), "dataset": ds, "seed": 1})
 
 
 def synthetic_items(tok, split: str = "train", cfg=None):

@@ -44,13 +44,11 @@ dataset configs.
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from kdlab import network
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
 from kdlab.data.synthetic import FAMILIES, LEVELS, SPLITS, make_synthetic
 
@@ -184,6 +182,14 @@ def _resolve(path: str) -> Path:
     return base / p
 
 
+def _string_field(value: Any, field: str, where: str, fix: str) -> str:
+    if not isinstance(value, str):
+        what = (f"has no \"{field}\"" if value is None
+                else f"has an \"{field}\" of type {type(value).__name__}, not a string")
+        raise ConfigError(f"{where}: the row {what}; {fix}")
+    return value
+
+
 def _normalise(row: dict, name: str, split: str, index: int, where: str) -> dict:
     """Map a row of any known layout onto the example schema; ``where`` ("<file> line <n>") names the
     row in the one-line error a malformed one gets.
@@ -192,19 +198,12 @@ def _normalise(row: dict, name: str, split: str, index: int, where: str) -> dict
     references, ``input`` may be absent) and databricks' (``context``, ``response``).
     """
     fix = 'every row needs "instruction" and "output" strings (MiniLLM: "output" may be a list of strings)'
-    instruction = row.get("instruction")
-    if not isinstance(instruction, str):
-        what = ("has no \"instruction\"" if instruction is None
-                else f"has an \"instruction\" of type {type(instruction).__name__}, not a string")
-        raise ConfigError(f"{where}: the row {what}; {fix}")
+    instruction = _string_field(row.get("instruction"), "instruction", where, fix)
     output = row.get("output", row.get("response"))
     refs = (row.get("meta") or {}).get("references") or row.get("references")
     if isinstance(output, list) and output and all(isinstance(o, str) for o in output):
         refs, output = output, output[0]
-    if not isinstance(output, str):
-        what = ("has no \"output\"" if output is None
-                else f"has an \"output\" of type {type(output).__name__}, not a string")
-        raise ConfigError(f"{where}: the row {what}; {fix}")
+    _string_field(output, "output", where, fix)
     context = row.get("input", row.get("context")) or ""
     if not isinstance(context, str):
         raise ConfigError(f"{where}: the row has an \"input\" of type {type(context).__name__}, not a string; "
@@ -258,29 +257,6 @@ def _read_local(path: str, name: str, file_split: str = "test", key: str = "data
     return splits
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
-def _reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub endpoint accepts a TCP connection.
-
-    huggingface_hub retries a failed request with backoff for about 25 s; probing first makes a
-    machine without network fail in seconds. Behind a proxy the probe proves nothing, so it passes.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_file(name: str, repo_id: str, filename: str, key: str = "dataset") -> Path:
     """A file of a hub dataset repo: from the local cache, else downloaded (unless offline)."""
     from huggingface_hub import hf_hub_download
@@ -292,10 +268,10 @@ def _hub_file(name: str, repo_id: str, filename: str, key: str = "dataset") -> P
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", local_files_only=True))
     except LocalEntryNotFoundError as err:
         cached_error = err
-    if _offline():
+    if network.offline():
         raise ConfigError(f"dataset={name}: {repo_id}/{filename} is not in the local hub cache and "
                           f"HF_HUB_OFFLINE is set; {fix}") from cached_error
-    if not _reachable():
+    if not network.reachable(network.hub_endpoint(), timeout=3.0):
         raise ConfigError(f"dataset={name}: {repo_id}/{filename} is not in the local hub cache and the "
                           f"hub is unreachable; {fix}") from cached_error
     try:

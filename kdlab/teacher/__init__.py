@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from kdlab.config import Type, check_section
-from kdlab.modeling import SOURCE_SCHEMA, RANDOM_SCHEMA, freeze, load_model, load_tokenizer
+from kdlab.config import Type
+from kdlab.modeling import SOURCE_SCHEMA, freeze, load_model, load_tokenizer, validate_source
 from kdlab.teacher.finetune import validate_finetune
 
 SCHEMA = {**SOURCE_SCHEMA, "cache": Type(str, optional=True), "finetune": validate_finetune}
 
 
 def validate_teacher(cfg) -> None:
-    check_section("teacher", cfg, SCHEMA)
-    if cfg.get("random"):
-        check_section("teacher.random", cfg.random, RANDOM_SCHEMA)
+    validate_source("teacher", cfg, SCHEMA)
 
 
 def load_teacher(cfg, dtype: torch.dtype):
