@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 from kdlab import distributed
 
@@ -204,3 +204,16 @@ def restore_rng(state: dict, rank: int, world_size: int) -> None:
     if len(state.get("rank_rng", [])) == world_size:
         torch.set_rng_state(state["rank_rng"][rank][0])
         random.setstate(state["rank_rng"][rank][1])
+
+
+def save_pretrained(model, tokenizer, folder: Path) -> None:
+    """``model`` and ``tokenizer`` as one ``from_pretrained`` folder (safetensors), published atomically."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def save_weights(model, folder: Path) -> None:
+    """``model``'s weights alone as ``folder/model.safetensors``, published atomically."""
+    with atomic_dir(folder) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))

@@ -19,7 +19,8 @@ from kdlab.methods import build_job_method, method_class
 from kdlab.metrics.evaluate import evaluate_once
 from kdlab.student import load_models, load_student
 from kdlab.teacher.finetune import finetuned_teacher
-from kdlab.trainer import Trainer, save_pretrained
+from kdlab.checkpoint import save_pretrained
+from kdlab.trainer import Trainer
 
 
 def run(cfg) -> dict:

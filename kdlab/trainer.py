@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from kdlab import distributed, optim
-from kdlab.checkpoint import (atomic_dir, capture_rng, load_checkpoint, prune, recover_dir, restore_params, restore_rng,
-                              save_checkpoint)
+from kdlab.checkpoint import (capture_rng, load_checkpoint, prune, recover_dir, restore_params, restore_rng,
+                              save_checkpoint, save_pretrained, save_weights)
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 from kdlab.data import batches
 from kdlab.preemption import StopSignals
@@ -56,17 +56,6 @@ def validate_train(cfg) -> None:
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}; "
                           f"make batch_size a multiple of grad_accum")
-
-
-def save_pretrained(model, tokenizer, folder: Path) -> None:
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-
-def save_weights(model, folder: Path) -> None:
-    with atomic_dir(folder) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
 
 
 class Trainer:

@@ -56,7 +56,7 @@ def is_cross_tokenizer(name: str) -> bool:
 def build_divergence(cfg: Any) -> Divergence:
     """The :class:`Divergence` named by ``cfg.name`` with the config's parameters (others default)."""
     section = validate_divergence(cfg)
-    params = {k: v for k, v in section.items() if k not in ("name", "_target_")}
+    params = {k: v for k, v in section.items() if k != "name"}
     return DIVERGENCES[section["name"]](**params)
 
 
