@@ -14,8 +14,8 @@ Two samplers, both batched over left-padded prompts with KV caches and an EOS st
 
 Both return :class:`Generated` (token ids, masks, per-token log-probs); :func:`to_batch` turns it into
 a training :class:`kdlab.data.Batch`, and :func:`sample_student` is the on-policy methods' one way to
-replace a batch's responses (all or some rows) by the student's samples. A faster backend (e.g. vLLM on GPU) only has to provide the
-same ``(prompt_ids, prompt_mask) -> Generated`` mapping.
+replace a batch's responses (all or some rows) by the student's samples. A faster backend (e.g. vLLM on
+GPU) only has to provide the same ``(prompt_ids, prompt_mask) -> Generated`` mapping.
 
 Randomness: with ``seed`` the draw comes from a generator seeded by it; without, the seed is drawn
 from the global torch RNG (one draw), so training runs stay reproducible from their checkpointed RNG
