@@ -92,9 +92,9 @@ def finished_results(run_dir: Path) -> dict | None:
     from kdlab.metrics.evaluate import results_table
 
     path = run_dir / "results.json"
-    if not path.exists() or read_json(path)["run"].get("status") != "completed":
+    results = read_json(path) if path.exists() else None
+    if results is None or results["run"].get("status") != "completed":
         return None
-    results = read_json(path)
     print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{results_table(results['eval'])}")
     return results
 

@@ -23,8 +23,8 @@ def build_method(cfg, ctx):
 
 def build_job_method(cfg, models, runtime, train_items):
     """The job's method on ``models`` (:class:`kdlab.student.Models`): its divergence (across tokenizers bound
-    to both vocabularies, for the hybrid's shared tokens), and with ``teacher.cache`` the cache checked
-    against this job's training examples."""
+    to both vocabularies, for the hybrid's shared tokens), and, when ``models`` holds no teacher
+    (``teacher.cache``), the cache checked against this job's training examples."""
     from kdlab.alignment import CrossTokenizer
     from kdlab.divergences import build_divergence, is_cross_tokenizer
     from kdlab.methods.base import Context
@@ -34,10 +34,9 @@ def build_job_method(cfg, models, runtime, train_items):
     divergence = build_divergence(cfg.divergence)
     if cross:
         divergence = divergence.bind(models.tokenizer, models.teacher_tokenizer)
-    use_cache = bool(cfg.teacher.get("cache")) and method_class(cfg.method.name).needs_teacher
     ctx = Context(teacher=models.teacher, student=models.student, tokenizer=models.tokenizer, divergence=divergence,
                   runtime=runtime, train_cfg=cfg.train,
-                  teacher_cache=open_cache(cfg, models.tokenizer, train_items) if use_cache else None,
+                  teacher_cache=open_cache(cfg, models.tokenizer, train_items) if models.teacher is None else None,
                   cross_tokenizer=CrossTokenizer(models.tokenizer, models.teacher_tokenizer, cfg.teacher.template)
                   if cross else None)
     return build_method(cfg.method, ctx)
