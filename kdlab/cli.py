@@ -84,7 +84,7 @@ def check_same_job(cfg, run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} holds a job with a different config; delete that folder or pass "
                           f"hydra.run.dir=<another folder> (output_dir=<folder> for a new tree)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, current)   # atomic: the ranks of a distributed job all write it and read it
+    atomic_write_text(saved, current)
 
 
 def finished_results(run_dir: Path) -> dict | None:
@@ -109,10 +109,13 @@ def open_run_folder(cfg):
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with runlock.hold(run_dir, locks=runlock.main_process()):
-        if runlock.main_process():
+    main_process = runlock.main_process()
+    with runlock.hold(run_dir, locks=main_process):
+        if main_process:
+            # rank 0 alone writes here: another rank's config.yaml temporary, written while rank 0 clears
+            # leftovers, would be deleted as one, and that rank would crash on its rename
             runlock.remove_leftovers(run_dir)
-        check_same_job(cfg, run_dir)
+            check_same_job(cfg, run_dir)
         yield run_dir, finished_results(run_dir)
 
 

@@ -256,6 +256,34 @@ def test_only_rank_0_of_a_distributed_job_takes_the_lock(tmp_path, monkeypatch):
         pass
 
 
+def test_only_rank_0_clears_leftovers_and_writes_the_config(tmp_path, monkeypatch):
+    """The ranks of a torchrun job open the folder at the same moment: a config.yaml temporary written by
+    rank 1 while rank 0 clears leftovers was deleted as one, and rank 1 crashed on its rename (CI,
+    2026-12-04). Rank 1 must write nothing there."""
+    import types
+
+    from omegaconf import OmegaConf
+
+    from kdlab import cli
+    hydra_cfg = types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", staticmethod(lambda: hydra_cfg))
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    cfg = OmegaConf.create({"seed": 1})
+    in_flight = tmp_path / ".config.yaml.x1y2.tmp"   # the other rank's write in progress
+    in_flight.write_text("seed: 1\n")
+
+    monkeypatch.setenv("RANK", "1")
+    with cli.open_run_folder(cfg) as (run_dir, finished):
+        assert run_dir == tmp_path and finished is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_flight.name], "rank 1 wrote into the run folder"
+
+    monkeypatch.setenv("RANK", "0")
+    with cli.open_run_folder(cfg) as (run_dir, finished):
+        assert finished is None
+    assert not in_flight.exists()   # a leftover to the lock holder
+    assert (tmp_path / "config.yaml").read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def test_a_file_system_without_flock_is_one_line(tmp_path, monkeypatch):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
