@@ -305,3 +305,25 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# peft's LoRA targets per architecture: (module names, fan_in_fan_out). GPT-2's projections are Conv1D
+# layers with transposed weights, hence fan_in_fan_out; its fused c_attn gets QVLoraConv1D.
+LORA_TARGETS = {
+    "gpt2": (["c_attn"], True),
+    "llama": (["q_proj", "v_proj"], False),
+    "mistral": (["q_proj", "v_proj"], False),
+    "qwen2": (["q_proj", "v_proj"], False),
+}
+
+
+def lora_targets(model, target_modules, key: str) -> tuple[list[str], bool]:
+    """The modules LoRA adapts (OKD's online module, a LoRA-fine-tuned teacher): ``target_modules`` if given,
+    else the architecture's q/v projections; ``key`` is the config key that sets them."""
+    model_type = model.config.model_type
+    if target_modules:
+        return list(target_modules), model_type == "gpt2"
+    if model_type not in LORA_TARGETS:
+        raise ConfigError(f"{key} is null and the teacher's architecture {model_type!r} has no "
+                          f"default LoRA targets; set {key}=[<attention projection names>]")
+    return LORA_TARGETS[model_type]

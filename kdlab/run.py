@@ -7,17 +7,21 @@ as it is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import DictConfig
 
 from kdlab import distributed
 from kdlab.cli import main, open_run_folder, override_dirname, validate_config, write_results
-from kdlab.data import encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
+from kdlab.data import JobSets, encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
 from kdlab.divergences import is_cross_tokenizer
-from kdlab.hardware import start_runtime
+from kdlab.hardware import Runtime, start_runtime
 from kdlab.loggers import build_logger
-from kdlab.methods import build_job_method, method_class
+from kdlab.methods import build_job_method, trains_on_cached_teacher
+from kdlab.methods.base import Method
 from kdlab.metrics.evaluate import evaluate_once
-from kdlab.student import load_models, load_student
+from kdlab.student import Models, load_models, load_student
 from kdlab.teacher.finetune import finetuned_teacher
 from kdlab.checkpoint import save_pretrained
 from kdlab.trainer import Trainer
@@ -35,10 +39,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     runtime = start_runtime(cfg)
     splits = load_training_splits(cfg)
     test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
-    # teacher.cache: no teacher in memory; the evaluation rows that need it (its own, the analysis) are skipped
-    cached_teacher = bool(cfg.teacher.get("cache")) and method_class(cfg.method.name).needs_teacher
     cross = is_cross_tokenizer(cfg.divergence.name)
-    models = load_models(cfg, runtime, with_teacher=not cached_teacher, cross=cross)
+    models = load_models(cfg, runtime, with_teacher=not trains_on_cached_teacher(cfg), cross=cross)
     sets = encode_job_sets(cfg, models.tokenizer, models.teacher_tokenizer, splits, test_sets, cross, runtime.is_main)
     if models.teacher is not None and cfg.teacher.get("finetune"):   # the student was cut from the teacher as loaded
         models.teacher = finetuned_teacher(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.teacher_train)
@@ -46,45 +48,70 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     method = build_job_method(cfg, models, runtime, sets.train)
     train_items = method.prepare_data(sets.train)
     distributed.seed_rank(cfg.seed, runtime.rank)   # after everything all ranks must build identically
+    rows = ResultRows(cfg.eval, run_dir, runtime, models, sets, method, cross)
 
-    def evaluate(name: str, model) -> dict:
-        """One row of results: the teacher on its own tokenization, students against the teacher as loaded
-        (across tokenizers the teacher-forcing analysis, one vocabulary, is skipped)."""
-        teacher_row = name == "teacher"
-        tokenizer, test = (models.teacher_tokenizer, sets.teacher_test) if teacher_row else (models.tokenizer, sets.test)
-        with method.original_teacher():
-            row = evaluate_once(run_dir, name, model, tokenizer, test, cfg.eval, runtime,
-                                teacher=None if teacher_row or cross else models.teacher)
-        return {} if row is None else {name: row}   # ranks that do not evaluate get no row
-
-    evals, before_training = {}, {"teacher": models.teacher, "student_init": models.student}
-    for name in cfg.eval.models:
-        if before_training.get(name) is not None:
-            evals |= evaluate(name, before_training[name])
+    evals = rows.evaluate(teacher=models.teacher, student_init=models.student)
     info = Trainer(method, train_items, sets.valid, cfg, runtime, logger, run_dir, models.tokenizer).fit()
-    with distributed.full_params(models.student, runtime.strategy):
-        if runtime.is_main:
-            save_pretrained(models.student, models.tokenizer, run_dir / "student")
-            method.save(run_dir)
-    distributed.barrier()
+    save_student(models, method, run_dir, runtime)
     selected = "best" if cfg.train.select_best and (run_dir / "student_best").exists() else "final"
     if "student" in cfg.eval.models:
         best = selected == "best" and runtime.evaluates
-        evals |= evaluate("student", load_student(run_dir / "student_best", runtime) if best else models.student)
-
-    results = {
-        "run": {"method": cfg.method.name, "student": cfg.student.name, "teacher": cfg.teacher.name,
-                "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
-                "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
-                "selected": selected, "status": "completed"},
-        "eval": evals,
-        "data": sets.counts,
-    }
+        evals |= rows.evaluate(student=load_student(run_dir / "student_best", runtime) if best else models.student)
+    results = {"run": run_record(cfg, overrides, info, selected), "eval": evals, "data": sets.counts}
     if runtime.is_main:
         write_results(cfg, run_dir, results, logger)
     logger.finish()
     distributed.shutdown()
     return results
+
+
+@dataclass
+class ResultRows:
+    """The rows of results.json: the teacher on its own tokenization, students against the teacher as loaded
+    (its analysis; across tokenizers, where the vocabularies differ, none). Each is measured once per job
+    (:func:`kdlab.metrics.evaluate.evaluate_once`)."""
+    cfg: DictConfig          # eval
+    run_dir: Path
+    runtime: Runtime
+    models: Models
+    sets: JobSets
+    method: Method
+    cross: bool
+
+    def evaluate(self, **models) -> dict:
+        """``{name: row}`` for each of ``models`` that ``eval.models`` names and that exists; ranks that do not
+        evaluate get no row."""
+        rows = {}
+        for name in self.cfg.models:
+            if models.get(name) is None:
+                continue
+            teacher_row = name == "teacher"
+            tokenizer, test = ((self.models.teacher_tokenizer, self.sets.teacher_test) if teacher_row
+                               else (self.models.tokenizer, self.sets.test))
+            with self.method.original_teacher():
+                row = evaluate_once(self.run_dir, name, models[name], tokenizer, test, self.cfg, self.runtime,
+                                    teacher=None if teacher_row or self.cross else self.models.teacher)
+            if row is not None:
+                rows[name] = row
+        return rows
+
+
+def save_student(models: Models, method: Method, run_dir: Path, runtime: Runtime) -> None:
+    """``student/`` (``from_pretrained`` loads it) and the method's own outputs, written by rank 0 (under ZeRO-3
+    every rank gathers its shards for it)."""
+    with distributed.full_params(models.student, runtime.strategy):
+        if runtime.is_main:
+            save_pretrained(models.student, models.tokenizer, run_dir / "student")
+            method.save(run_dir)
+    distributed.barrier()
+
+
+def run_record(cfg, overrides: str, info: dict, selected: str) -> dict:
+    """The ``run`` section of results.json: what was run, and which student the ``student`` row is."""
+    return {"method": cfg.method.name, "student": cfg.student.name, "teacher": cfg.teacher.name,
+            "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+            "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
+            "selected": selected, "status": "completed"}
 
 
 if __name__ == "__main__":

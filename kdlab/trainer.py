@@ -2,33 +2,27 @@
 
 Per optimizer step: ``train.grad_accum`` micro-batches through the running phase's ``method.loss`` and
 one backward each, then every parameter group's optimizer step (``kdlab.optim``: AdamW, or DeepSpeed
-ZeRO for the student under hardware=zero2/zero3) and schedule step. Every ``eval_every`` steps the last
-phase's student is validated (greedy ROUGE-L and loss on the validation split) and the best one by
-ROUGE-L is saved to ``student_best/``; an earlier phase that keeps its best student
-(``Phase.keep_best_valid_loss``: MiniLLM's SFT) is validated by loss only, and the next phase starts
-from its lowest-loss student (``phase<i>_best/``). Every ``save_every`` steps a resumable checkpoint
-is written. Running the same job again in the same folder resumes from the newest checkpoint that
-loads and reproduces the uninterrupted run; the metrics logged after it (or all of them, when there is
-none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end training at the
-next step boundary with a checkpoint of that step (``kdlab.preemption``).
+ZeRO for the student under hardware=zero2/zero3) and schedule step. Every ``eval_every`` steps the
+student is validated and the best one kept (``kdlab.validation``); every ``save_every`` steps a
+resumable checkpoint is written. Running the same job again in the same folder resumes from the newest
+checkpoint that loads and reproduces the uninterrupted run; the metrics logged after it (or all of them,
+when there is none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end
+training at the next step boundary with a checkpoint of that step (``kdlab.preemption``).
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from kdlab import distributed, optim
-from kdlab.checkpoint import (capture_rng, load_checkpoint, prune, recover_dir, restore_params, restore_rng,
-                              save_checkpoint, save_pretrained, save_weights)
+from kdlab.checkpoint import capture_rng, load_checkpoint, prune, restore_params, restore_rng, save_checkpoint
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 from kdlab.data import batches
 from kdlab.preemption import StopSignals
-from kdlab.metrics.evaluate import evaluate, test_loss
+from kdlab.validation import Validation
 from kdlab.modeling import sparse_tied_embedding_grad
 
 
@@ -68,8 +62,7 @@ class Trainer:
         self.phases = method.phases()
         self.phase = None                   # the running one: its method is the one trained and checkpointed
         self.optimizers, self.schedules = {}, {}   # by parameter group of the running phase (kdlab.optim)
-        self.best_rouge = -math.inf
-        self.phase_best_loss = math.inf     # of the running phase, when it keeps its best student
+        self.validation = Validation(method, valid_items, tokenizer, cfg.eval, runtime, run_dir)
         self.time_before, self.started = 0.0, time.time()   # training time of the runs resumed; this one's start
         self.signals = StopSignals()        # active during fit
         if runtime.strategy in ("none", "ddp"):   # DeepSpeed's ZeRO hooks expect dense gradients
@@ -103,7 +96,7 @@ class Trainer:
         saved = {name: opt.save(self.zero_dir, tag) for name, opt in self.optimizers.items()}
         state = {
             "phase": index, "step": step, "epoch": position[0], "batch": position[1],
-            "best_rouge": self.best_rouge, "phase_best_loss": self.phase_best_loss,
+            **self.validation.state_dict(),
             "optimizers": {name: s for name, s in saved.items() if s is not None},   # None: in ZeRO's shards
             "schedulers": {name: s.state_dict() for name, s in self.schedules.items()},
             "method": self.phase.method.state_dict(), "elapsed_s": self.elapsed(),
@@ -124,59 +117,13 @@ class Trainer:
         for name, s in self.schedules.items():
             s.load_state_dict(state["schedulers"][name])
         restore_rng(state, self.runtime.rank, self.runtime.world_size)
-        self.best_rouge = state["best_rouge"]
-        self.phase_best_loss = state.get("phase_best_loss", math.inf)
+        self.validation.load_state_dict(state)
         self.phase.method.load_state_dict(state["method"])
-
-    # -- validation --------------------------------------------------------------------------------
-    def keep_best(self, score: float, best: float, write) -> float:
-        """The new best of ``score`` and ``best`` (higher is better); when ``score`` beats ``best``, rank 0
-        writes the student with ``write(student)`` (under ZeRO-3 every rank gathers its shards for it)."""
-        if not score > best:
-            return best
-        student = self.method.student
-        with distributed.full_params(student, self.runtime.strategy):
-            if self.runtime.is_main:
-                write(student)
-        return score
-
-    def validate(self, index: int, step: int, is_last: bool) -> dict:
-        """The last phase: greedy ROUGE-L and loss, the best student by ROUGE-L kept in ``student_best/``.
-        An earlier one: the loss only, the lowest-loss student kept in ``phase<index>_best/``."""
-        student = self.method.student
-        if not is_last:
-            loss = test_loss(student, self.valid_items, self.tokenizer, self.cfg.eval.batch_size, self.runtime.device,
-                             self.runtime.autocast())
-            self.phase_best_loss = -self.keep_best(-loss, -self.phase_best_loss,
-                                                   lambda model: save_weights(model, self.phase_best_dir(index)))
-            return {f"valid/{self.phase.name}_loss": loss}
-        cfg = self.cfg.eval.copy()
-        cfg.do_sample = False
-        result = evaluate(student, self.tokenizer, self.valid_items, cfg, self.runtime, desc=f"valid@{step}")
-        best_dir = self.run_dir / "student_best"
-        self.best_rouge = self.keep_best(result["rougeL"], self.best_rouge,
-                                         lambda model: save_pretrained(model, self.tokenizer, best_dir))
-        return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"],
-                "valid/loss": result["loss"], "valid/best_rougeL": self.best_rouge}
-
-    def phase_best_dir(self, index: int) -> Path:
-        return self.run_dir / f"phase{index}_best"
-
-    def restore_phase_best(self, index: int) -> None:
-        """Every rank loads the phase's lowest-validation-loss student (ZeRO-3: rank 0's copy is broadcast)."""
-        path = self.phase_best_dir(index) / "model.safetensors"
-        if path.exists():
-            student = self.method.student
-            with distributed.full_params(student, self.runtime.strategy, modify=True):
-                load_model(student, str(path), device=str(self.runtime.device))
-        distributed.barrier()
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         if self.runtime.is_main:
-            recover_dir(self.run_dir / "student_best")
-            for index in range(len(self.phases)):
-                recover_dir(self.phase_best_dir(index))
+            self.validation.recover(len(self.phases))
         resume = load_checkpoint(self.ckpt_dir)
         if resume is None:
             self.logger.truncate_after(0)   # a job killed before its first checkpoint logged steps it redoes
@@ -199,7 +146,7 @@ class Trainer:
         self.phase = phase
         self.optimizers, self.schedules = optim.build(phase.method, tc, total, phase.schedule or tc.schedule,
                                                       self.runtime)
-        self.phase_best_loss = math.inf
+        self.validation.start_phase()
         keeps_best = phase.keep_best_valid_loss and not is_last and bool(tc.eval_every)
         step, epoch, batch_index = 0, 0, 0
         if resume is not None:
@@ -241,7 +188,7 @@ class Trainer:
                 metrics.update({"train/step_time_s": dt, "train/tokens_per_s": tokens / dt, "train/phase": index})
             if (is_last or keeps_best) and tc.eval_every and (step % tc.eval_every == 0 or step == total):
                 if self.runtime.evaluates:
-                    metrics.update(self.validate(index, offset + step, is_last))
+                    metrics.update(self.validation.validate(phase.name, index, offset + step, is_last))
                 distributed.barrier()
             if metrics:
                 self.logger.log(metrics, step=offset + step)
@@ -253,4 +200,4 @@ class Trainer:
                 raise self.signals.stop(signum, offset + step)
         bar.close()
         if keeps_best:
-            self.restore_phase_best(index)
+            self.validation.restore_phase_best(index)

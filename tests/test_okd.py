@@ -16,7 +16,7 @@ from kdlab.hardware import Runtime
 from kdlab.methods import build_method
 from kdlab.methods.base import Context
 from kdlab.methods.okd import OKD, adapted_blocks, load_online_module
-from kdlab.modeling import byte_tokenizer, layer_list, random_model
+from kdlab.modeling import byte_tokenizer, layer_list, lora_targets, random_model
 
 ROOT_CONF = OmegaConf.load("conf/method/okd.yaml")
 TOK = byte_tokenizer()
@@ -229,6 +229,16 @@ def test_the_modules_dropout_is_on_in_training_and_the_teachers_own_dropout_stay
     assert first != second
     own = [m for n, m in method.teacher.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_" not in n]
     assert own and not any(m.training for m in own)
+
+
+def test_lora_targets_default_per_architecture_and_name_the_key_that_sets_them():
+    def model(model_type):
+        return type("M", (), {"config": type("C", (), {"model_type": model_type})()})()
+    assert lora_targets(model("llama"), None, "method.target_modules") == (["q_proj", "v_proj"], False)
+    assert lora_targets(model("gpt2"), ["c_proj"], "method.target_modules") == (["c_proj"], True)   # Conv1D
+    key = "teacher.finetune.target_modules"
+    with pytest.raises(ConfigError, match=rf"^{key} is null .*'bert'.*set {key}=\["):
+        lora_targets(model("bert"), None, key)
 
 
 @pytest.mark.parametrize("arch, targets", [("llama", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"})])

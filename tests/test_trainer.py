@@ -1,4 +1,4 @@
-"""The trainer's phases (kdlab/trainer.py): an earlier phase that keeps its best student by validation
+"""The trainer's phases (kdlab/trainer.py, kdlab/validation.py): an earlier phase that keeps its best student by validation
 loss (MiniLLM's SFT phase) hands that student, not its last one, to the next phase, also across a resume."""
 import pytest
 import torch
@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 import kdlab.run  # noqa: F401  (registers the config resolvers)
 from conftest import ROOT
 from kdlab import trainer as trainer_module
+from kdlab import validation as validation_module
 from kdlab.run import train_and_evaluate
 
 
@@ -49,7 +50,7 @@ def same(a, b):
 
 def test_minillm_starts_its_policy_phase_from_the_lowest_validation_loss_sft_student(monkeypatch, tmp_path):
     scripted = ScriptedLoss([3.0, 1.0, 2.0])   # SFT validations at steps 2, 4, 6: the best is step 4
-    monkeypatch.setattr(trainer_module, "test_loss", scripted)
+    monkeypatch.setattr(validation_module, "test_loss", scripted)
     start = first_policy_student(monkeypatch)
     train_and_evaluate(smoke_config(*MINILLM), tmp_path)
     assert len(scripted.seen) == 3
@@ -70,7 +71,7 @@ def test_the_best_sft_student_survives_a_resume(monkeypatch, tmp_path):
         original_save(self, index, step, offset, position)
         if (index, step) == (0, 4):
             raise Preempted
-    monkeypatch.setattr(trainer_module, "test_loss", scripted)
+    monkeypatch.setattr(validation_module, "test_loss", scripted)
     monkeypatch.setattr(trainer_module.Trainer, "save", save_then_stop)
     with pytest.raises(Preempted):
         train_and_evaluate(smoke_config(*MINILLM), tmp_path)
@@ -78,7 +79,7 @@ def test_the_best_sft_student_survives_a_resume(monkeypatch, tmp_path):
 
     monkeypatch.setattr(trainer_module.Trainer, "save", original_save)
     resumed = ScriptedLoss([2.0])          # step 6 after the resume: worse than the saved best (1.0)
-    monkeypatch.setattr(trainer_module, "test_loss", resumed)
+    monkeypatch.setattr(validation_module, "test_loss", resumed)
     start = first_policy_student(monkeypatch)
     train_and_evaluate(smoke_config(*MINILLM), tmp_path)
     assert len(resumed.seen) == 1 and not same(resumed.seen[0], best)
@@ -87,7 +88,7 @@ def test_the_best_sft_student_survives_a_resume(monkeypatch, tmp_path):
 
 def test_without_validation_the_policy_phase_starts_from_the_last_sft_step(monkeypatch, tmp_path):
     scripted = ScriptedLoss([])
-    monkeypatch.setattr(trainer_module, "test_loss", scripted)
+    monkeypatch.setattr(validation_module, "test_loss", scripted)
     start = first_policy_student(monkeypatch)
     sft_end = {}
     original_save = trainer_module.Trainer.save
@@ -102,18 +103,17 @@ def test_without_validation_the_policy_phase_starts_from_the_last_sft_step(monke
 
 
 def test_keep_best_writes_only_a_new_best(tmp_path):
-    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)   # keep_best reads the student and runtime only
-    trainer.method = type("M", (), {"student": torch.nn.Linear(2, 2)})()
-    trainer.runtime = type("R", (), {"strategy": "none", "is_main": True})()
+    validation = validation_module.Validation(type("M", (), {"student": torch.nn.Linear(2, 2)})(), [], None, None,
+                                              type("R", (), {"strategy": "none", "is_main": True})(), tmp_path)
     written = []
     best = -float("inf")
     for score in [1.0, 0.5, 2.0, 2.0, float("nan")]:
-        best = trainer.keep_best(score, best, lambda student: written.append((score, student)))
+        best = validation.keep_best(score, best, lambda student: written.append((score, student)))
     assert best == 2.0 and [s for s, _ in written] == [1.0, 2.0]
-    assert written[0][1] is trainer.method.student
+    assert written[0][1] is validation.method.student
     # a loss is kept as its negative: lower is better
-    assert -trainer.keep_best(-1.5, -1.0, written.append) == 1.0 and len(written) == 2
-    assert -trainer.keep_best(-0.5, -1.0, written.append) == 0.5 and len(written) == 3
+    assert -validation.keep_best(-1.5, -1.0, written.append) == 1.0 and len(written) == 2
+    assert -validation.keep_best(-0.5, -1.0, written.append) == 0.5 and len(written) == 3
 
 
 def test_rng_capture_and_restore_continue_the_same_streams():

@@ -17,6 +17,12 @@ def method_class(name: str):
         raise ConfigError(f"method={name} is unknown; valid methods: {valid}") from None
 
 
+def trains_on_cached_teacher(cfg) -> bool:
+    """Whether the job's teacher stands in as its top-k cache (``teacher.cache`` with a method that needs a
+    teacher): none is kept in memory, and the evaluation rows that need it (its own, the analysis) are skipped."""
+    return bool(cfg.teacher.get("cache")) and method_class(cfg.method.name).needs_teacher
+
+
 def build_method(cfg, ctx):
     return method_class(cfg.name)(cfg, ctx)
 

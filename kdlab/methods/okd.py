@@ -66,28 +66,7 @@ from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.divergences.losses import ForwardKL
 from kdlab.methods.base import LossOutput, Method, ParamGroup
-from kdlab.modeling import layer_list, lm_head
-
-# peft's LoRA targets per architecture: (module names, fan_in_fan_out). GPT-2's projections are Conv1D
-# layers with transposed weights, hence fan_in_fan_out; its fused c_attn gets QVLoraConv1D.
-LORA_TARGETS = {
-    "gpt2": (["c_attn"], True),
-    "llama": (["q_proj", "v_proj"], False),
-    "mistral": (["q_proj", "v_proj"], False),
-    "qwen2": (["q_proj", "v_proj"], False),
-}
-
-
-def lora_targets(model, target_modules) -> tuple[list[str], bool]:
-    """The modules LoRA adapts: ``target_modules`` if given, else the architecture's q/v projections."""
-    model_type = model.config.model_type
-    if target_modules:
-        return list(target_modules), model_type == "gpt2"
-    if model_type not in LORA_TARGETS:
-        raise ConfigError(f"method.target_modules is null and the teacher's architecture {model_type!r} has no "
-                          f"default LoRA targets; set method.target_modules=[<attention projection names>]")
-    return LORA_TARGETS[model_type]
-
+from kdlab.modeling import layer_list, lm_head, lora_targets
 
 @functools.cache
 def _qv_lora_layer():
@@ -194,7 +173,7 @@ def peft_config(cfg, teacher):
     from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, TaskType
 
     if cfg.online_module == "lora":
-        targets, fan_in_fan_out = lora_targets(teacher, cfg.target_modules)
+        targets, fan_in_fan_out = lora_targets(teacher, cfg.target_modules, "method.target_modules")
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.scaling * cfg.rank,
                             lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
                             layers_to_transform=adapted_blocks(len(layer_list(teacher)), cfg.lora_layers))

@@ -43,6 +43,7 @@ import torch
 
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+from kdlab.modeling import lora_targets
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
 DEFAULTS = {
@@ -61,7 +62,7 @@ DEFAULTS = {
     "lora_rank": 8,          # mode=lora only
     "lora_alpha": 16,
     "lora_dropout": 0.0,
-    "target_modules": None,  # null: the architecture's q/v projections (kdlab.methods.okd.LORA_TARGETS)
+    "target_modules": None,  # null: the architecture's q/v projections (kdlab.modeling.LORA_TARGETS)
 }
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
 SCHEMA = {
@@ -167,9 +168,7 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     if s["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from kdlab.methods.okd import lora_targets
-
-        targets, fan_in_fan_out = lora_targets(model, s["target_modules"])
+        targets, fan_in_fan_out = lora_targets(model, s["target_modules"], "teacher.finetune.target_modules")
         peft_model = get_peft_model(model, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"],
                                                       lora_dropout=s["lora_dropout"], target_modules=targets,
                                                       fan_in_fan_out=fan_in_fan_out))
