@@ -55,7 +55,7 @@ def validate_train(cfg) -> None:
 class Trainer:
     def __init__(self, method, train_items, valid_items, cfg, runtime, logger, run_dir: Path, tokenizer):
         self.method, self.cfg, self.train_cfg = method, cfg, cfg.train
-        self.train_items, self.valid_items = train_items, valid_items
+        self.train_items = train_items
         self.runtime, self.logger, self.run_dir, self.tokenizer = runtime, logger, Path(run_dir), tokenizer
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.zero_dir = self.ckpt_dir / "deepspeed"   # ZeRO's shards, one folder per checkpoint tag

@@ -68,6 +68,7 @@ from kdlab.divergences.losses import ForwardKL
 from kdlab.methods.base import LossOutput, Method, ParamGroup
 from kdlab.modeling import layer_list, lm_head, lora_targets
 
+
 @functools.cache
 def _qv_lora_layer():
     """:class:`QVLoraConv1D`, built once on first use so that importing kdlab does not import peft."""
