@@ -70,7 +70,7 @@ class ResultRows:
     """The rows of results.json: the teacher on its own tokenization, students against the teacher as loaded
     (its analysis; across tokenizers, where the vocabularies differ, none). Each is measured once per job
     (:func:`kdlab.metrics.evaluate.evaluate_once`)."""
-    cfg: DictConfig          # eval
+    eval_cfg: DictConfig
     run_dir: Path
     runtime: Runtime
     models: Models
@@ -82,14 +82,14 @@ class ResultRows:
         """``{name: row}`` for each of ``models`` that ``eval.models`` names and that exists; ranks that do not
         evaluate get no row."""
         rows = {}
-        for name in self.cfg.models:
+        for name in self.eval_cfg.models:
             if models.get(name) is None:
                 continue
             teacher_row = name == "teacher"
             tokenizer, test = ((self.models.teacher_tokenizer, self.sets.teacher_test) if teacher_row
                                else (self.models.tokenizer, self.sets.test))
             with self.method.original_teacher():
-                row = evaluate_once(self.run_dir, name, models[name], tokenizer, test, self.cfg, self.runtime,
+                row = evaluate_once(self.run_dir, name, models[name], tokenizer, test, self.eval_cfg, self.runtime,
                                     teacher=None if teacher_row or self.cross else self.models.teacher)
             if row is not None:
                 rows[name] = row
