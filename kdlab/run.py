@@ -8,6 +8,7 @@ as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -106,12 +107,17 @@ def save_student(models: Models, method: Method, run_dir: Path, runtime: Runtime
     distributed.barrier()
 
 
+# the packages whose version decides a run's numbers (README: "Set-up", the lock)
+RECORDED_PACKAGES = ("torch", "transformers", "peft")
+
+
 def run_record(cfg, overrides: str, info: dict, selected: str) -> dict:
     """The ``run`` section of results.json: what was run, and which student the ``student`` row is."""
     return {"method": cfg.method.name, "student": cfg.student.name, "teacher": cfg.teacher.name,
             "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
             "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
-            "selected": selected, "status": "completed"}
+            "selected": selected, "versions": {name: version(name) for name in RECORDED_PACKAGES},
+            "status": "completed"}
 
 
 if __name__ == "__main__":

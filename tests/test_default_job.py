@@ -2,6 +2,7 @@
 teacher (SmolLM2-135M-Instruct, GGUF) and the student derived from it."""
 import importlib.util
 import json
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ def test_default_job_end_to_end_at_reduced_steps(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["run"]["teacher"] == "smollm2-135m" and res["run"]["student"] == "smollm2-6l"
     assert res["run"]["method"] == "kd" and res["run"]["status"] == "completed"
+    # the versions a run's numbers depend on (README: the lock)
+    assert res["run"]["versions"] == {name: version(name) for name in ("torch", "transformers", "peft")}
     # the printed table has the three rows the README promises
     for row in ("| teacher | synthetic |", "| student_init | synthetic |", "| student | synthetic |"):
         assert row in proc.stdout

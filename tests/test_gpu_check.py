@@ -98,15 +98,34 @@ def test_wheelhouse_and_image_cover_every_import_of_kdlab():
     assert not eager, f"imported at module level, so every GPU job would need it: {eager}"
 
 
-def test_every_carried_wheel_brings_its_requirements_and_is_the_tested_version():
+def locked_versions(lock: Path) -> dict[str, str]:
+    """The lock's exact pins: canonical name -> version."""
+    pins = {}
+    for name, req in listed(lock).items():
+        exact = [spec.version for spec in req.specifier if spec.operator == "=="]
+        assert len(exact) == 1, f"{lock.name}: {req} is not one exact version"
+        pins[name] = exact[0]
+    return pins
+
+
+def test_the_kit_takes_every_version_from_the_lock():
+    """The wheelhouse is built at the lock's versions (build_wheelhouse.sh passes it as constraints): every
+    carried package is pinned there, and a line that names a version of its own must name the lock's."""
+    pins = locked_versions(ROOT / "requirements-lock.txt")
+    assert '-c "$lock"' in (GPU / "build_wheelhouse.sh").read_text()
+    for name, req in listed(GPU / "requirements.txt").items():
+        assert name in pins, f"tests/gpu/requirements.txt carries {req.name}, which requirements-lock.txt does not pin"
+        assert not req.specifier or req.specifier.contains(pins[name], prereleases=True), \
+            f"tests/gpu/requirements.txt: {req} but requirements-lock.txt pins {req.name}=={pins[name]}"
+
+
+def test_every_carried_wheel_brings_its_requirements():
     """run_gpu_check.sh installs with --no-deps: each requirement of a carried package (for CPython 3.12
     on Linux, no extras) must be carried too or be on the image."""
     wheels, image = listed(GPU / "requirements.txt"), listed(GPU / "preinstalled.txt")
     environment = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                    "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
     for name, req in wheels.items():
-        installed = md.version(req.name)
-        assert req.specifier.contains(installed, prereleases=True), f"{req} but kdlab's tests run {installed}"
         for dep in map(Requirement, md.requires(req.name) or []):
             if dep.marker is not None and not dep.marker.evaluate(environment):
                 continue

