@@ -212,7 +212,8 @@ def test_per_row_scores_pair_rows_by_id_and_average_to_the_reported_means(models
     for i, it in enumerate(named):
         it.example = {**it.example, "id": f"row-{i}"}
     refs = [[it.example["output"]] for it in named]
-    for cfg in (eval_cfg(analysis={"enabled": False}), eval_cfg(do_sample=True, seeds=[3, 7], analysis={"enabled": False})):
+    off = {"analysis": {"enabled": False}}
+    for cfg in (eval_cfg(**off), eval_cfg(do_sample=True, seeds=[3, 7], **off)):
         result = evaluate(student, tok, named, cfg, RUNTIME)
         rows = result["per_row"]
         assert rows["id"] == [f"row-{i}" for i in range(len(named))]
@@ -226,4 +227,4 @@ def test_per_row_scores_pair_rows_by_id_and_average_to_the_reported_means(models
         for key in ("rougeL", "exact_match"):
             assert result[key] == pytest.approx(sum(rows[key]) / len(named))
     # without an id the row's position in the evaluated set names it
-    assert evaluate(student, tok, items[:2], eval_cfg(analysis={"enabled": False}), RUNTIME)["per_row"]["id"] == ["0", "1"]
+    assert evaluate(student, tok, items[:2], eval_cfg(**off), RUNTIME)["per_row"]["id"] == ["0", "1"]
