@@ -14,7 +14,8 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
   printed as ``-`` (empty in the CSV). ``AVG`` is, per run, the mean over the table's datasets, then
   the same statistics over the runs that evaluated all of them.
 - with ``--baseline <method>``, a second table per student: each method's difference from the baseline
-  (method − baseline) with a paired 95 % interval, see :func:`paired_difference`. The pairing is by
+  (method − baseline) with two paired 95 % intervals, one over test rows (bootstrap) and one over
+  seeds (t), see :func:`paired_difference`. The pairing is by
   training seed and by test row (the example ``id`` of ``eval.<model>.<dataset>.per_row``), so only
   metrics with per-row scores (``rougeL``, ``exact_match``) get one.
 - ``report.csv``: the same numbers in long form (one row per cell).
@@ -62,7 +63,7 @@ from kdlab.methods import method_class
 # Folders a run writes that are never run directories themselves.
 SKIP_DIRS = {".hydra", "wandb", "checkpoints", "student", "student_best", "__pycache__"}
 METHOD_ORDER = ["sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "okd"]
-UNC_FIELDS = (("std", "std"), ("kl", "KL"), ("top1", "TOP-1 agreement"))
+UNC_FIELDS = (("std", "student logit std"), ("kl", "KL(p‖q)"), ("top1", "TOP-1 agreement"))
 UNLABELLED = re.compile(r"^(hardware|logger|hydra|output_dir|divergence|dataset|teacher)([./=]|$)")
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # fixed: the same folder gives the same intervals
@@ -276,15 +277,27 @@ def tokens_per_s(row: Row) -> float:
 
 @dataclass
 class Difference:
-    """``estimate`` (method − baseline) with its paired 95 % interval over ``seeds`` x ``rows``."""
+    """``estimate`` (method − baseline) over ``rows`` test rows x the seeds of ``per_seed``, with two
+    95 % intervals: ``low``/``high`` over test rows (:func:`bootstrap_means`), and the t-interval over
+    seeds of ``per_seed`` (each seed's mean difference over the rows)."""
     estimate: float
     low: float
     high: float
-    seeds: int
+    per_seed: dict
     rows: int
 
+    @property
+    def seeds(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def seed_interval(self) -> tuple[float, float]:
+        return Cell(list(self.per_seed.values())).interval
+
     def __str__(self) -> str:
-        return f"{self.estimate:+.2f} [{self.low:+.2f}, {self.high:+.2f}] ({self.seeds}×{self.rows})"
+        seed_low, seed_high = self.seed_interval
+        seeds = "-" if math.isnan(seed_low) else f"[{seed_low:+.2f}, {seed_high:+.2f}]"
+        return f"{self.estimate:+.2f} [{self.low:+.2f}, {self.high:+.2f}] / {seeds} ({self.seeds}×{self.rows})"
 
 
 def per_row_scores(run: Run, model: str, dataset: str, metric: str) -> dict[str, float] | None:
@@ -327,11 +340,13 @@ def bootstrap_means(differences: np.ndarray, dataset: str, replicates: int) -> n
 
 def paired_difference(row: Row, base: Row, datasets: list[str], metric: str,
                       replicates: int = BOOTSTRAP_REPLICATES) -> dict[str, Difference | None]:
-    """Per dataset (and ``AVG``): the mean over shared seeds and shared test rows of (row − base), and its
-    95 % percentile interval from :func:`bootstrap_means` (2.5th and 97.5th percentiles, numpy's linear
-    interpolation). The interval covers the test-row sampling given the trained students; the seeds'
-    spread is in the table's t-intervals. ``AVG`` is the mean over datasets of the differences, its
-    replicates the means of the datasets' replicates; only when every dataset has a pairing."""
+    """Per dataset (and ``AVG``): the mean over shared seeds and shared test rows of (row − base), its 95 %
+    percentile interval over test rows from :func:`bootstrap_means` (2.5th and 97.5th percentiles, numpy's
+    linear interpolation), which covers the test set's sampling given the trained students, and the 95 %
+    t-interval over seeds of the per-seed mean differences, which covers the training seeds' spread on
+    this test set. ``AVG`` is the mean over datasets: its replicates are the means of the datasets'
+    replicates, its per-seed values the means over datasets (seeds every dataset pairs); only when
+    every dataset has a pairing."""
     out: dict[str, Difference | None] = {}
     replicated = {}
     for dataset in datasets:
@@ -342,11 +357,13 @@ def paired_difference(row: Row, base: Row, datasets: list[str], metric: str,
         seeds, ids, differences = paired
         replicated[dataset] = bootstrap_means(differences, dataset, replicates)
         out[dataset] = Difference(float(differences.mean()), *np.percentile(replicated[dataset], [2.5, 97.5]),
-                                  len(seeds), len(ids))
+                                  dict(zip(seeds, differences.mean(axis=1).tolist())), len(ids))
     if datasets and len(replicated) == len(datasets):
         averaged = np.mean([replicated[d] for d in datasets], axis=0)
+        seeds = [s for s in out[datasets[0]].per_seed if all(s in out[d].per_seed for d in datasets)]
         out["AVG"] = Difference(statistics.fmean(out[d].estimate for d in datasets),
-                                *np.percentile(averaged, [2.5, 97.5]), min(out[d].seeds for d in datasets),
+                                *np.percentile(averaged, [2.5, 97.5]),
+                                {s: statistics.fmean(out[d].per_seed[s] for d in datasets) for s in seeds},
                                 sum(out[d].rows for d in datasets))
     else:
         out["AVG"] = None
@@ -487,7 +504,8 @@ def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 CSV_FIELDS = ["experiment", "train_dataset", "teacher", "student", "method", "eval_dataset", "metric",
               "mean", "std", "n", "ci_low", "ci_high", "train_time_s", "tokens_per_s",
-              "baseline", "diff", "diff_low", "diff_high", "diff_seeds", "diff_rows"]
+              "baseline", "diff", "diff_low", "diff_high", "diff_seed_low", "diff_seed_high", "diff_seeds",
+              "diff_rows"]
 PROBLEM_FIELDS = ["method", "divergence", "student", "seed", "dataset", "status"]
 
 
@@ -524,15 +542,18 @@ def _table(key: tuple, runs: list[Run], metric: str, out: Path, csv_rows: list[d
                 "n": len(cell.values), "ci_low": _number(cell.interval[0]), "ci_high": _number(cell.interval[1]),
                 "train_time_s": _number(seconds), "tokens_per_s": _number(speed),
                 "baseline": base.method if diffs else "",
-                **{f"diff{k}": "" if diff is None else getattr(diff, attr) for k, attr in
-                   (("", "estimate"), ("_low", "low"), ("_high", "high"), ("_seeds", "seeds"), ("_rows", "rows"))},
+                **({} if diff is None else {
+                    "diff": diff.estimate, "diff_low": diff.low, "diff_high": diff.high,
+                    "diff_seed_low": _number(diff.seed_interval[0]), "diff_seed_high": _number(diff.seed_interval[1]),
+                    "diff_seeds": diff.seeds, "diff_rows": diff.rows}),
             })
     md = [f"## experiment `{experiment}` · trained on `{train_set}`", ""]
     md += _md_table(["teacher", "student", "method", *datasets, "AVG", "train time (s)", "tokens/s"], body) + [""]
     if baseline:
         missing = sorted({r.student for r in rows if r.model == "student"} - {s for _, s in bases})
         md += [f"Difference from `{baseline}` (method − {baseline}, same teacher and student): mean over the "
-               "paired seeds and test rows [95 % paired bootstrap interval] (seeds × rows paired)."
+               "paired seeds and test rows [95 % bootstrap interval over test rows] / [95 % t-interval over "
+               "seeds] (seeds × rows paired)."
                + (f" No `{baseline}` row for student {', '.join(missing)}." if missing else ""), ""]
         md += (_md_table(["teacher", "student", "method", *datasets, "AVG"], diff_body) if diff_body else
                [f"No pairing: no other method shares a seed and per-row `{metric}` scores with `{baseline}`."])
@@ -571,8 +592,9 @@ def build_report(folder: Path, out: Path, metric: str = "rougeL", baseline: str 
         md += [f"Differences from `{baseline}`: per seed and test row (the example id), method − {baseline}, on "
                "the seeds and rows both have; the estimate is their mean, the interval the 2.5th–97.5th "
                f"percentiles of {replicates} bootstrap means that resample test rows (the same rows for every "
-               f"seed and both methods; generator seed {BOOTSTRAP_SEED}). It covers the test-row sampling; "
-               "the seeds' spread is in the t-intervals above.", ""]
+               f"seed and both methods; generator seed {BOOTSTRAP_SEED}): the uncertainty from the test rows "
+               "given the trained students. The second interval is the t-interval over seeds of each seed's mean "
+               "difference: the training seeds' spread on these rows (`-` with one seed).", ""]
     csv_rows: list[dict] = []
     for key in sorted(tables, key=str):
         md += _table(key, tables[key], metric, out, csv_rows, baseline, replicates)

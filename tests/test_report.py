@@ -202,7 +202,8 @@ def slow_paired_bootstrap(method, baseline, dataset, replicates):
         return total / (len(chosen) * len(SEEDS))
 
     means = [mean_difference([ids[k] for k in draw]) for draw in draws]
-    return mean_difference(ids), means, len(ids)
+    per_seed = [sum(scores[(method, s)][i] - scores[(baseline, s)][i] for i in ids) / len(ids) for s in SEEDS]
+    return mean_difference(ids), means, per_seed, len(ids)
 
 
 def test_paired_differences_match_a_slow_reference(sweep, tmp_path):
@@ -214,22 +215,26 @@ def test_paired_differences_match_a_slow_reference(sweep, tmp_path):
     for method in ("kd", "gkd"):
         label, averaged = LABELS[method], []
         for dataset in DATASETS:
-            estimate, means, n_rows = slow_paired_bootstrap(method, "sft", dataset, replicates)
-            averaged.append((estimate, means))
+            estimate, means, per_seed, n_rows = slow_paired_bootstrap(method, "sft", dataset, replicates)
+            averaged.append((estimate, means, per_seed))
             row = rows[(label, dataset)]
+            low, high = slow_percentile(means, 0.025), slow_percentile(means, 0.975)
+            seed_low, seed_high = t_interval(per_seed)
             assert row["baseline"] == "sft"
             assert float(row["diff"]) == pytest.approx(estimate, abs=1e-9)
-            assert float(row["diff_low"]) == pytest.approx(slow_percentile(means, 0.025), abs=1e-9)
-            assert float(row["diff_high"]) == pytest.approx(slow_percentile(means, 0.975), abs=1e-9)
+            assert (float(row["diff_low"]), float(row["diff_high"])) == pytest.approx((low, high), abs=1e-9)
+            assert (float(row["diff_seed_low"]), float(row["diff_seed_high"])) == pytest.approx((seed_low, seed_high))
             assert (int(row["diff_seeds"]), int(row["diff_rows"])) == (3, n_rows)
-            assert f"{estimate:+.2f} [{slow_percentile(means, 0.025):+.2f}, {slow_percentile(means, 0.975):+.2f}] " \
-                   f"(3×{n_rows})" in md
+            assert f"{estimate:+.2f} [{low:+.2f}, {high:+.2f}] / [{seed_low:+.2f}, {seed_high:+.2f}] (3×{n_rows})" in md
         assert int(rows[("gkd (jsd)", "dolly")]["diff_rows"]) == N_ROWS - 1  # the dropped row is not paired
         assert int(rows[("kd (fkl)", "dolly")]["diff_rows"]) == N_ROWS
-        avg_means = np.mean([m for _, m in averaged], axis=0)
-        assert float(rows[(label, "AVG")]["diff"]) == pytest.approx(np.mean([e for e, _ in averaged]), abs=1e-9)
-        assert float(rows[(label, "AVG")]["diff_low"]) == pytest.approx(slow_percentile(avg_means, 0.025), abs=1e-9)
-        assert float(rows[(label, "AVG")]["diff_high"]) == pytest.approx(slow_percentile(avg_means, 0.975), abs=1e-9)
+        avg = rows[(label, "AVG")]
+        avg_means = np.mean([m for _, m, _ in averaged], axis=0)
+        assert float(avg["diff"]) == pytest.approx(np.mean([e for e, _, _ in averaged]), abs=1e-9)
+        assert float(avg["diff_low"]) == pytest.approx(slow_percentile(avg_means, 0.025), abs=1e-9)
+        assert float(avg["diff_high"]) == pytest.approx(slow_percentile(avg_means, 0.975), abs=1e-9)
+        seed_low, _ = t_interval(np.mean([p for _, _, p in averaged], axis=0))
+        assert float(avg["diff_seed_low"]) == pytest.approx(seed_low)
     assert rows[("sft", "dolly")]["diff"] == rows[("teacher", "dolly")]["diff"] == ""
     # kd's true shift (+3) is decided, gkd's (-2) too with 90 paired scores per dataset of noise sd 4 * sqrt(2)
     assert float(rows[("kd (fkl)", "dolly")]["diff_low"]) > 0 > float(rows[("gkd (jsd)", "AVG")]["diff_high"])
@@ -364,6 +369,15 @@ def test_single_seed_std_is_dash(tmp_path):
     row = read_csv(out / "report.csv")[("sft", "dolly")]
     assert row["std"] == row["ci_low"] == row["ci_high"] == ""
     assert "None." in md.split("## Missing/failed runs", 1)[1]
+
+
+def test_one_paired_seed_has_no_seed_interval(tmp_path):
+    for method in ("sft", "kd"):
+        write_run(tmp_path / "runs" / method, method, 1)
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--baseline", "sft", "--bootstrap", "500"])
+    row = read_csv(tmp_path / "out" / "report.csv")[("kd (fkl)", "dolly")]
+    assert row["diff_seed_low"] == row["diff_seed_high"] == "" and row["diff_low"] != ""
+    assert f"/ - (1×{N_ROWS})" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_ablation_points_get_a_row_each(tmp_path):
