@@ -66,6 +66,7 @@ METHOD_ORDER = ["sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "okd"]
 UNC_FIELDS = (("std", "student logit std"), ("kl", "KL(p‖q)"), ("top1", "TOP-1 agreement"))
 UNLABELLED = re.compile(r"^(hardware|logger|hydra|output_dir|divergence|dataset|teacher)([./=]|$)")
 CONFIDENCE = 0.95
+PERCENTILES = (50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE))  # 2.5 and 97.5
 BOOTSTRAP_SEED = 0  # fixed: the same folder gives the same intervals
 BOOTSTRAP_REPLICATES = 10_000
 
@@ -356,13 +357,13 @@ def paired_difference(row: Row, base: Row, datasets: list[str], metric: str,
             continue
         seeds, ids, differences = paired
         replicated[dataset] = bootstrap_means(differences, dataset, replicates)
-        out[dataset] = Difference(float(differences.mean()), *np.percentile(replicated[dataset], [2.5, 97.5]),
+        out[dataset] = Difference(float(differences.mean()), *np.percentile(replicated[dataset], PERCENTILES),
                                   dict(zip(seeds, differences.mean(axis=1).tolist())), len(ids))
     if datasets and len(replicated) == len(datasets):
         averaged = np.mean([replicated[d] for d in datasets], axis=0)
         seeds = [s for s in out[datasets[0]].per_seed if all(s in out[d].per_seed for d in datasets)]
         out["AVG"] = Difference(statistics.fmean(out[d].estimate for d in datasets),
-                                *np.percentile(averaged, [2.5, 97.5]),
+                                *np.percentile(averaged, PERCENTILES),
                                 {s: statistics.fmean(out[d].per_seed[s] for d in datasets) for s in seeds},
                                 sum(out[d].rows for d in datasets))
     else:
