@@ -13,7 +13,7 @@ from kdlab.data import collate, encode
 from kdlab.metrics import evaluate as evaluation
 from kdlab.metrics.evaluate import evaluate, generate_texts
 from kdlab.hardware import Runtime
-from kdlab.metrics import exaccerr, exaccerr_from_regrets
+from kdlab.metrics import exaccerr, exaccerr_from_regrets, normalize_answer, rouge_l_per_example
 from kdlab.student import build_student
 from kdlab.teacher import load_teacher
 
@@ -204,3 +204,27 @@ def test_eval_cli_on_real_sets_without_teacher(trained, tmp_path, shared_data):
         m = res["eval"]["student"][data]
         assert m["num_examples"] == n and 0 <= m["rougeL"] <= 100 and m["loss"] > 0 and "top1" not in m
         assert res["data"]["test"][data]["dropped"] == 8 - n and res["data"]["test"][data]["max_length"] == 510
+
+
+def test_per_row_scores_pair_rows_by_id_and_average_to_the_reported_means(models):
+    _, student, tok, items = models
+    named = [copy.copy(it) for it in items]
+    for i, it in enumerate(named):
+        it.example = {**it.example, "id": f"row-{i}"}
+    refs = [[it.example["output"]] for it in named]
+    off = {"analysis": {"enabled": False}}
+    for cfg in (eval_cfg(**off), eval_cfg(do_sample=True, seeds=[3, 7], **off)):
+        result = evaluate(student, tok, named, cfg, RUNTIME)
+        rows = result["per_row"]
+        assert rows["id"] == [f"row-{i}" for i in range(len(named))]
+        seeds = list(cfg.seeds) if cfg.do_sample else [None]
+        texts = [generate_texts(student, tok, named, cfg, RUNTIME.device, s, "t") for s in seeds]
+        for i in range(len(named)):  # a row's score is its mean over the sampling seeds
+            assert rows["rougeL"][i] == pytest.approx(
+                sum(rouge_l_per_example([t[i]], [refs[i]])[0] for t in texts) / len(seeds))
+            assert rows["exact_match"][i] == pytest.approx(
+                sum(100.0 * (normalize_answer(t[i]) == normalize_answer(refs[i][0])) for t in texts) / len(seeds))
+        for key in ("rougeL", "exact_match"):
+            assert result[key] == pytest.approx(sum(rows[key]) / len(named))
+    # without an id the row's position in the evaluated set names it
+    assert evaluate(student, tok, items[:2], eval_cfg(**off), RUNTIME)["per_row"]["id"] == ["0", "1"]

@@ -76,6 +76,9 @@ class Method:
     uses_teacher_cache: ClassVar[bool] = False
     # True: the loss reads the teacher only through aligned_distill when the divergence is cross-tokenizer
     cross_tokenizer: ClassVar[bool] = False
+    # True: the loss reads the ``divergence`` group; runs of other methods do not depend on it (kdlab.report
+    # leaves it out of their label)
+    uses_divergence: ClassVar[bool] = False
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx

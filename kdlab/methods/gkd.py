@@ -42,6 +42,7 @@ class GKD(Method):
     name = "gkd"
     schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"), **SAMPLING_SCHEMA}
     cross_tokenizer = True
+    uses_divergence = True
 
     def loss(self, batch, step):
         on_policy = bool(torch.rand(()) < self.cfg.lmbda)

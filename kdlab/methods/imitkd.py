@@ -36,6 +36,7 @@ class ImitKD(Method):
     schema = {**Method.schema, "schedule": OneOf("exponential", "linear"), "exp_base": Range(1, low_open=True),
               "decay_steps": Range(1, integer=True, optional=True), **SAMPLING_SCHEMA}
     cross_tokenizer = True
+    uses_divergence = True
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

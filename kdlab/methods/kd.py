@@ -22,6 +22,7 @@ class KD(Method):
     schema = {**Method.schema, "alpha": Range(0, 1)}
     uses_teacher_cache = True
     cross_tokenizer = True
+    uses_divergence = True
 
     def loss(self, batch, step):
         student = self.logits(self.student, batch)

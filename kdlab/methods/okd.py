@@ -230,6 +230,7 @@ class OKD(Method):
         "encoder_hidden_size": Range(1, integer=True),
         "weight_decay": Range(0, optional=True),
     }
+    uses_divergence = True
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

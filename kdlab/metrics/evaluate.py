@@ -13,7 +13,10 @@ does not depend on the other seeds evaluated or on the global RNG. It does depen
 
 Result keys (one dict per model and dataset, see docs/DESIGN.md):
 ``rougeL``, ``exact_match``, ``dist4`` (means over seeds), ``per_seed`` (``{seed: {rougeL,
-exact_match, dist4}}``, sampling only), ``rougeL_per_seed`` (list, sampling only), ``samples`` (three
+exact_match, dist4}}``, sampling only), ``rougeL_per_seed`` (list, sampling only), ``per_row``
+(``{"id": [...], "rougeL": [...], "exact_match": [...]}``: each evaluated row's example id and its
+scores, averaged over the sampling seeds, so that ``kdlab.report`` can pair two models on the same
+rows; rows dropped by ``max_prompt_length`` are not evaluated and not listed), ``samples`` (three
 responses of the first seed), ``num_examples``, ``loss`` (token-level NLL of the gold responses), and
 with a teacher and ``eval.analysis.enabled`` (see :func:`analysis`): ``top1``, ``kl``,
 ``unc_buckets``, ``exaccerr``, ``exaccerr_regret_student``, ``exaccerr_regret_teacher``.
@@ -33,8 +36,8 @@ from kdlab.config import ConfigError, Range, Type, check_section
 from kdlab.data import collate
 from kdlab.distributed import barrier
 from kdlab.generation import generate
-from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr, exaccerr_from_regrets, rouge_l,
-                           token_stats)
+from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr, exaccerr_from_regrets,
+                           rouge_l_per_example, token_stats)
 from kdlab.modeling import response_logits
 
 SCHEMA = {
@@ -216,17 +219,24 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teache
     """
     refs = [references(e.example) for e in encoded]
     seeds = list(cfg.seeds) if cfg.do_sample else [None]
-    per_seed = {}
+    per_seed, row_scores = {}, []
     for seed in seeds:
         texts = generate_texts(model, tokenizer, encoded, cfg, runtime.device, seed, f"{desc} gen"
                                + (f" seed {seed}" if seed is not None else ""))
-        per_seed[seed] = {"rougeL": rouge_l(texts, refs), "exact_match": exact_match(texts, refs),
+        rows = {"rougeL": rouge_l_per_example(texts, refs),
+                "exact_match": [exact_match([text], [ref]) for text, ref in zip(texts, refs)]}
+        row_scores.append(rows)
+        per_seed[seed] = {**{key: sum(v) / len(v) if v else 0.0 for key, v in rows.items()},
                           "dist4": distinct_n(texts, 4), "samples": texts[:3]}
     runs = list(per_seed.values())
     result = {key: statistics.fmean(s[key] for s in runs) for key in ("rougeL", "exact_match", "dist4")}
     if cfg.do_sample:
         result["per_seed"] = {str(seed): {k: v for k, v in s.items() if k != "samples"} for seed, s in per_seed.items()}
         result["rougeL_per_seed"] = [s["rougeL"] for s in runs]
+    # the example id pairs rows across models and runs (the position would shift with dropped rows)
+    result["per_row"] = {"id": [str(e.example.get("id", i)) for i, e in enumerate(encoded)],
+                         **{key: [statistics.fmean(row) for row in zip(*(r[key] for r in row_scores))]
+                            for key in ("rougeL", "exact_match")}}
     result["samples"] = runs[0]["samples"]
     result["num_examples"] = len(encoded)
     result["loss"] = test_loss(model, encoded, tokenizer, cfg.batch_size, runtime.device, runtime.autocast())
