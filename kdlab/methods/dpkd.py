@@ -47,6 +47,7 @@ from kdlab.config import OneOf, Range, Type
 from kdlab.data import Encoded, collate
 from kdlab.generation import encoded_rows, generate, sample_student
 from kdlab.methods.base import LossOutput, Method, per_sequence_mean, reverse_kl, token_logprobs
+from kdlab.modeling import disable_dropout
 
 PREFERENCES = ("dpkd", "ipo", "cpo", "simpo")
 
@@ -96,11 +97,13 @@ class DPKD(Method):
               "preference": OneOf(*PREFERENCES), "level": OneOf("sequence", "token"),
               "chosen": OneOf("teacher", "gold"), "simpo_gamma": Range(0),
               "max_new_tokens": Range(1, integer=True, optional=True), "temperature": Range(0, low_open=True),
-              "cache_teacher": Type(bool)}
+              "cache_teacher": Type(bool), "disable_dropout": Type(bool)}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.teacher_responses: dict[str, list[int]] = {}
+        if cfg.disable_dropout:
+            disable_dropout(self.student)
 
     def state_dict(self) -> dict:
         return {"teacher_responses": self.teacher_responses}

@@ -33,15 +33,22 @@ from __future__ import annotations
 
 import torch
 
-from kdlab.config import OneOf, Range
+from kdlab.config import OneOf, Range, Type
 from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
+from kdlab.modeling import disable_dropout
 
 
 class GKD(Method):
     name = "gkd"
-    schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"), **SAMPLING_SCHEMA}
+    schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"),
+              "disable_dropout": Type(bool), **SAMPLING_SCHEMA}
     cross_tokenizer = True
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        if cfg.disable_dropout:
+            disable_dropout(self.student)
 
     def loss(self, batch, step):
         on_policy = bool(torch.rand(()) < self.cfg.lmbda)

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import torch
 
-from kdlab.config import ConfigError, OneOf, Range
+from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
+from kdlab.modeling import disable_dropout
 
 
 class ImitKD(Method):
     name = "imitkd"
     schema = {**Method.schema, "schedule": OneOf("exponential", "linear"), "exp_base": Range(1, low_open=True),
-              "decay_steps": Range(1, integer=True, optional=True), **SAMPLING_SCHEMA}
+              "decay_steps": Range(1, integer=True, optional=True), "disable_dropout": Type(bool), **SAMPLING_SCHEMA}
     cross_tokenizer = True
 
     def __init__(self, cfg, ctx):
@@ -43,6 +44,8 @@ class ImitKD(Method):
         if self.decay_steps is None:
             raise ConfigError("method=imitkd needs the length of its beta schedule: train.max_steps is null "
                               "(training by epochs), so set method.decay_steps=<optimizer steps>")
+        if cfg.disable_dropout:
+            disable_dropout(self.student)
 
     def beta(self, step: int) -> float:
         """Probability that a sequence is the gold one at optimizer step ``step``."""
