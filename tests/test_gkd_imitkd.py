@@ -39,7 +39,8 @@ def make(cls, divergence="jsd", teacher=None, student=None, **cfg):
         p.requires_grad_(False)
     ctx = Context(teacher=teacher, student=student, tokenizer=TOK, divergence=build_divergence({"name": divergence}),
                   runtime=None, train_cfg=OmegaConf.create({"max_steps": 100}))
-    cfg = OmegaConf.create({"lr": 1e-3, "disable_dropout": False, **cfg})
+    dropout = {"disable_dropout": False} if "disable_dropout" in cls.schema else {}   # the random llama has none
+    cfg = OmegaConf.create({"lr": 1e-3, **dropout, **cfg})
     cls.validate(cfg)
     return cls(cfg, ctx)
 

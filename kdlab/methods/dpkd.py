@@ -34,6 +34,21 @@ KL ``KL(q||p)`` of the next-token distributions along the student's samples (seq
 gold responses (token level).
 Defaults follow the authors' released code where the paper is silent: beta 0.1, kd_ratio 0.5, lm_coef 0.5,
 lr 5e-4.
+
+Dropout: ``method.disable_dropout`` defaults to false: the released code (LMOps ``dpkd/main.py``) trains
+in ``model.train()`` mode, dropout on, and its token-level loss samples nothing. At sequence level the
+rejected sample is drawn in eval mode and scored with dropout; DPKD's preference compares the student
+with the frozen teacher reference, not with the sampling policy, so no ratio is biased. ``true`` zeroes it.
+
+Where kdlab still departs from the paper or the released code:
+
+- ``y_t`` is the teacher's greedy response (the paper says "the teacher's output" without a decoding
+  rule), generated at most once per prompt.
+- The released code's token level runs its log-softmaxes in bfloat16 and offers label smoothing and
+  DPOP; kdlab computes in float32 and has neither. Its ``simpo`` divides the DPO loss by the student's
+  argmax-run length / 256; kdlab's ``simpo`` is Meng et al.'s reference-free margin form.
+- The sequence-level student sample is drawn every step at ``temperature`` with no top-k/top-p (the paper
+  gives no sampling settings).
 """
 from __future__ import annotations
 

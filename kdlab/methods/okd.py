@@ -39,6 +39,9 @@ Defaults and departures:
   ``target_modules=[c_attn]`` given explicitly adapts the whole fused projection with peft's own layer.
 - The module's dropout is active during training while the teacher's own dropout stays off (the
   teacher is in eval mode), as for a frozen teacher in KD.
+- The student trains with its own dropout on, as in KD: OKD samples nothing (teacher forcing on the
+  gold responses), so no sampling-time probabilities are compared with training-time ones; the paper
+  gives no dropout setting.
 - Algorithm 1 updates both with one learning rate eta; kdlab gives the module its own ``module_lr``
   (default equal to ``lr``, 5e-4) and each side its own AdamW (the paper names no optimizer). Both
   gradients come from the one forward of Algorithm 1's step 3, as there.
