@@ -228,12 +228,22 @@ class CrossTokenizer:
             first[i] = tb.response_mask[i] & torch.isin(pos[i], starts)
         return response_logits(teacher, tb.input_ids, tb.attention_mask, first, len(self.teacher_tok))
 
-    def distill(self, divergence, student_logits, teacher, batch) -> torch.Tensor:
-        """Mean aligned divergence of ``student_logits`` (the student's response rows of ``batch``)."""
+    def distill(self, divergence, student_logits, teacher, batch, per_sequence: bool = False) -> torch.Tensor:
+        """Mean aligned divergence of ``student_logits`` (the student's response rows of ``batch``): over all
+        groups of the batch, or (``per_sequence``, GKD's Eq. 2 read on groups) the mean over each sequence's
+        groups and then over the sequences that have any (a sampled response whose text the teacher's
+        tokenizer does not reproduce may align nowhere: it has no term, as in the pooled mean)."""
         aligned = self.align_batch(batch)
         t_logits = self.teacher_group_logits(teacher, aligned)
         rows = torch.arange(len(aligned.t_rows), device=t_logits.device)
-        return divergence(student_logits, t_logits, aligned.s_rows, rows)
+        if not per_sequence:
+            return divergence(student_logits, t_logits, aligned.s_rows, rows)
+        values = divergence.per_group(student_logits, t_logits, aligned.s_rows, rows)
+        counts = torch.tensor([len(g) for g in aligned.groups], device=values.device)
+        sequence = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
+        sums = values.new_zeros(len(counts)).index_add(0, sequence, values)
+        aligned_rows = counts > 0
+        return (sums[aligned_rows] / counts[aligned_rows]).sum() / aligned_rows.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ that header says (a truncated copy is caught here, not as a traceback from the l
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -327,3 +328,103 @@ def lora_targets(model, target_modules, key: str) -> tuple[list[str], bool]:
         raise ConfigError(f"{key} is null and the teacher's architecture {model_type!r} has no "
                           f"default LoRA targets; set {key}=[<attention projection names>]")
     return LORA_TARGETS[model_type]
+
+
+def lora_config(model, target_modules, key: str, *, rank: int, alpha: float, dropout: float, **extra):
+    """The peft ``LoraConfig`` of LoRA (Hu et al. 2022) on ``model``'s query and value projections, the one
+    used by OKD's online module and by ``teacher.finetune.mode=lora``: the targets of :func:`lora_targets`
+    (``key`` names the config key that sets them); for GPT-2 without explicit ``target_modules``, the
+    q and v thirds of the fused ``c_attn`` only (:class:`QVLoraConv1D`). ``extra``: further ``LoraConfig``
+    fields (OKD's ``task_type``, ``layers_to_transform``)."""
+    from peft import LoraConfig
+
+    targets, fan_in_fan_out = lora_targets(model, target_modules, key)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=fan_in_fan_out, **extra)
+    if model.config.model_type == "gpt2" and not target_modules:
+        register_qv_lora(config)
+    return config
+
+
+@functools.cache
+def _qv_lora_layer():
+    """:class:`QVLoraConv1D`, built once on first use so that importing kdlab does not import peft."""
+    from peft.tuners.lora.layer import Linear
+
+    class QVLoraConv1D(Linear):
+        """LoRA on the q and v thirds of GPT-2's fused ``c_attn`` only.
+
+        GPT-2 fuses q, k and v into one ``c_attn`` (a Conv1D: weight ``[in, 3d]``, output ``[q | k | v]``);
+        LoRA's "query and value" there means the LoRA paper's own GPT-2 layer (loralib's ``MergedLinear``
+        with ``enable_lora=[True, False, True]``, one dropout mask for both): q and v each get their own
+        rank-r pair, k gets no parameters.
+
+        ``lora_A`` is ``[2r, in]`` (rows ``:r`` for q, ``r:`` for v) and ``lora_B`` ``[2d, r]`` (rows ``:d``
+        for q, ``d:`` for v): ``out[..., :d] += s B_q A_q x``, ``out[..., 2d:] += s B_v A_v x``, the k
+        columns untouched. The names keep peft's ``lora_A``/``lora_B``, so its init, ``requires_grad``
+        handling, saving and loading apply unchanged; only the shapes and the forward differ.
+        """
+
+        def __init__(self, base_layer, adapter_name, config, **kwargs):
+            if config.lora_bias or config.use_dora:
+                raise ConfigError("the q/v-only LoRA of GPT-2's c_attn supports neither lora_bias nor DoRA")
+            super().__init__(base_layer, adapter_name, config, is_target_conv_1d_layer=True, **kwargs)
+
+        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+            super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+            self.lora_A[adapter_name] = torch.nn.Linear(self.in_features, 2 * r, bias=False)
+            self.lora_B[adapter_name] = torch.nn.Linear(r, 2 * (self.out_features // 3), bias=False)
+            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+        def _qv_deltas(self, adapter, x):
+            r, d = self.r[adapter], self.out_features // 3
+            a = self.lora_A[adapter](self.lora_dropout[adapter](x))
+            b = self.lora_B[adapter].weight
+            return a[..., :r] @ b[:d].T, a[..., r:] @ b[d:].T
+
+        def get_delta_weight(self, adapter) -> torch.Tensor:
+            r, d = self.r[adapter], self.out_features // 3
+            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            delta = a.new_zeros(self.in_features, self.out_features)  # Conv1D layout [in, out]
+            delta[:, :d] = (b[:d] @ a[:r]).T
+            delta[:, 2 * d:] = (b[d:] @ a[r:]).T
+            return delta * self.scaling[adapter]
+
+        def forward(self, x, *args, **kwargs):
+            if kwargs.get("adapter_names") is not None:
+                raise NotImplementedError("mixed-adapter batches are not supported by the q/v-only GPT-2 LoRA")
+            if self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            d = self.out_features // 3
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue
+                q, v = self._qv_deltas(adapter, x.to(self.lora_A[adapter].weight.dtype))
+                scaling = self.scaling[adapter]
+                # in place into the fresh base output (Conv1D's addmm keeps no reference to it for its
+                # backward), so the k columns are neither copied nor touched
+                result[..., :d] += (q * scaling).to(result.dtype)
+                result[..., 2 * d:] += (v * scaling).to(result.dtype)
+            return result
+
+    return QVLoraConv1D
+
+
+def register_qv_lora(config) -> None:
+    """Route GPT-2's Conv1D targets of ``config`` (a peft ``LoraConfig``) to :class:`QVLoraConv1D`."""
+    from transformers.pytorch_utils import Conv1D
+
+    config._register_custom_module({Conv1D: _qv_lora_layer()})
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero the probability of every dropout layer of ``model`` (TRL's ``disable_dropout_in_model``): the
+    model keeps training mode (gradient checkpointing, if any, stays on), but its forward no longer
+    depends on the RNG, so a training forward equals the eval-mode forward its samples were drawn with.
+    The change lives in the modules only (the saved config keeps its dropout rates)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -115,13 +115,14 @@ def across():
     return teacher, student, s_tok, t_tok, items, CrossTokenizer(s_tok, t_tok, "chat"), ULD(chunk_size=5)
 
 
-def reference_distill(across, batch):
-    """Mean W1 over the groups, the teacher run on each re-tokenised sequence alone (no padding, full logits)."""
+def reference_distill(across, batch, per_sequence=False):
+    """Mean W1 over the groups, the teacher run on each re-tokenised sequence alone (no padding, full logits);
+    ``per_sequence``: the mean over each sequence's groups, then over the sequences (GKD's Eq. 2 on groups)."""
     from kdlab.alignment import align_response
     from test_uld import naive_w1
 
     teacher, student, s_tok, t_tok, _, xt, _ = across
-    vals = []
+    vals, means = [], []
     for i, ex in enumerate(batch.examples):
         s_prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
         s_resp = batch.labels[i][batch.response_mask[i]].tolist()
@@ -130,36 +131,53 @@ def reference_distill(across, batch):
         q = torch.softmax(student(s_ids).logits[0, len(s_prompt) - 1:-1].double(), -1)
         with torch.no_grad():
             p = torch.softmax(teacher(t_ids).logits[0, len(t_prompt) - 1:-1].double(), -1)
-        vals += [naive_w1(q[g.s0], p[g.t0]) for g in groups]
-    return torch.stack(vals).mean()
+        seq = [naive_w1(q[g.s0], p[g.t0]) for g in groups]
+        vals += seq
+        means += [sum(seq) / len(seq)] if seq else []   # a sequence that aligns nowhere has no term
+    return torch.stack(means).mean() if per_sequence else torch.stack(vals).mean()
 
 
-@pytest.mark.parametrize("name", ["kd", "gkd", "imitkd"])
+@pytest.mark.parametrize("name", ["kd", "gkd", "gkd-gold", "gkd-token", "imitkd"])
 def test_methods_across_tokenizers_equal_a_per_sequence_reference(across, name):
+    """kd and imitkd pool the batch's groups; gkd's default (method.normalize=sequence) averages each
+    sequence's groups, then the sequences, and method.normalize=token pools them."""
     from omegaconf import OmegaConf
 
     from kdlab.data import collate
     from kdlab.methods import method_class
     from kdlab.methods.base import Context
 
+    import copy
+
     teacher, student, s_tok, t_tok, items, xt, div = across
-    overrides = {"kd": {}, "gkd": {"lmbda": 1.0, "max_new_tokens": 12}, "imitkd": {"max_new_tokens": 12, "decay_steps": 1}}
-    cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
+    teacher = copy.deepcopy(teacher)
+    with torch.no_grad():   # a peaked teacher: W1 then varies from group to group, so the two means differ
+        teacher.model.norm.weight.mul_(40.0)
+    across = (teacher, *across[1:])
+    overrides = {"kd": {}, "gkd": {"lmbda": 1.0, "max_new_tokens": 12}, "gkd-gold": {"lmbda": 0.0},
+                 "gkd-token": {"lmbda": 1.0, "max_new_tokens": 12, "normalize": "token"},
+                 "imitkd": {"max_new_tokens": 12, "decay_steps": 1}}
+    per_sequence = name in ("gkd", "gkd-gold")
+    cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name.split('-')[0]}.yaml")
     cfg.pop("defaults", None)
     cfg.merge_with(overrides[name])
-    method_class(name).validate(cfg)
-    method = method_class(name)(cfg, Context(teacher, student, s_tok, div, None, None, cross_tokenizer=xt))
+    cls = method_class(cfg.name)
+    cls.validate(cfg)
+    method = cls(cfg, Context(teacher, student, s_tok, div, None, None, cross_tokenizer=xt))
     batch = collate(items, s_tok.pad_token_id)
     captured = []
     if name != "kd":   # the sampled batch the method trained on, for the reference
         real = method.aligned_distill
-        method.aligned_distill = lambda logits, b: captured.append(b) or real(logits, b)
+        method.aligned_distill = lambda logits, b, *rest: captured.append(b) or real(logits, b, *rest)
     torch.manual_seed(0)
     out = method.loss(batch, step=5)
     used = captured[0] if captured else batch
     if name == "imitkd":
         assert not torch.equal(used.input_ids, batch.input_ids)   # beta = 1/200: sampled rows
-    ref = reference_distill(across, used)
+    ref = reference_distill(across, used, per_sequence)
+    if name.startswith("gkd"):   # per-sequence and pooled means differ here by more than the tolerance below
+        other = reference_distill(across, used, not per_sequence)
+        assert abs(other - ref) > 10 * 1e-5 * ref, (ref, other)
     expected = ref + method.nll(method.logits(student, used), used).double() if name == "kd" else ref
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     student.zero_grad()

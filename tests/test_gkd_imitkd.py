@@ -39,7 +39,8 @@ def make(cls, divergence="jsd", teacher=None, student=None, **cfg):
         p.requires_grad_(False)
     ctx = Context(teacher=teacher, student=student, tokenizer=TOK, divergence=build_divergence({"name": divergence}),
                   runtime=None, train_cfg=OmegaConf.create({"max_steps": 100}))
-    cfg = OmegaConf.create({"lr": 1e-3, **cfg})
+    dropout = {"disable_dropout": False} if "disable_dropout" in cls.schema else {}   # the random llama has none
+    cfg = OmegaConf.create({"lr": 1e-3, **dropout, **cfg})
     cls.validate(cfg)
     return cls(cfg, ctx)
 
@@ -231,3 +232,34 @@ def test_training_lowers_the_divergence_to_the_teacher_on_held_out_prompts(cls, 
         opt.step()
         opt.zero_grad()
     assert divergence() < 0.7 * before, (before, divergence())
+
+
+@pytest.mark.parametrize("name, default", [("gkd", True), ("imitkd", False), ("dpkd", False)])
+@pytest.mark.parametrize("override", [None, True, False])
+def test_dropout_is_off_where_the_reference_implementation_turns_it_off(name, default, override):
+    """GKD: TRL's GKDTrainer and DistillationTrainer default to disable_dropout=True; ImitKD's released code
+    samples in eval mode but updates in train mode (dropout on), as does DPKD's (LMOps dpkd, model.train()).
+    On a GPT-2 student (dropout 0.1) in training mode, dropout off makes the training forward the
+    deterministic eval-mode one."""
+    from conftest import conf_option
+    from kdlab.methods import method_class
+    from kdlab.student import build_student
+    from kdlab.teacher import load_teacher
+
+    teacher, tok = load_teacher(conf_option("teacher", "tiny-gpt2"), torch.float32)
+    student = build_student(conf_option("student", "tiny-gpt2"), teacher, tok, "tiny-gpt2", torch.float32)[0]
+    cfg = conf_option("method", name)   # as a job composes it
+    assert cfg.disable_dropout == default
+    if override is not None:
+        cfg.disable_dropout = override
+    method_class(name).validate(cfg)
+    method_class(name)(cfg, Context(teacher, student, tok, build_divergence({"name": "fkl"}), None,
+                                    OmegaConf.create({"max_steps": 100})))
+    off = default if override is None else override
+    rates = {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if off else {0.1})
+    ids = torch.randint(0, len(tok), (2, 12))
+    assert student.training
+    with torch.no_grad():
+        same = torch.equal(student(ids).logits, student(ids).logits)
+    assert same == off

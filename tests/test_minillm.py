@@ -167,7 +167,8 @@ def test_buffer_refill_schedule_and_ramp_up(setup):
 
 def test_loss_on_fixed_rollouts_matches_a_hand_computation(setup):
     teacher, student, tok, _ = setup
-    method = make_method(setup, sft_steps=0, ptx_weight=0.5, alpha=0.2, clip_ratio=0.2)
+    method = make_method(setup, sft_steps=0, ptx_weight=0.5, ptx_source="gold", ptx_kd_ratio=0.0, alpha=0.2,
+                         clip_ratio=0.2)
     prompts = [[65, 66, 67], [68, 69]]
     responses = [[70, 71, 72], [73]]
     rollouts = []
@@ -335,10 +336,10 @@ def test_corpus_errors_name_the_key_and_the_fix(setup, tmp_path):
 def test_ptx_loss_on_a_corpus_matches_a_slow_reference(setup, tmp_path):
     tok = setup[2]
     (tmp_path / "c.txt").write_text("".join(f"document number {i} says something about {i * 7}\n" for i in range(40)))
-    method = make_method(setup, ptx_corpus=str(tmp_path / "c.txt"), ptx_length=16)
+    method = make_method(setup, ptx_corpus=str(tmp_path / "c.txt"), ptx_length=16, ptx_kd_ratio=0.0)
     batch = first_batch(setup, size=3)
     torch.manual_seed(5)
-    got = method.ptx_loss(batch)
+    got, _ = method.ptx_loss(batch)
     torch.manual_seed(5)
     picked = method.ptx_rows[torch.randint(len(method.ptx_rows), (3,))]
     total, count = 0.0, 0
@@ -350,11 +351,88 @@ def test_ptx_loss_on_a_corpus_matches_a_slow_reference(setup, tmp_path):
     assert got.item() == pytest.approx(total / count, rel=1e-5)
     got.backward()
     assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)
-    # without a corpus the gold responses of the batch stand in
-    no_corpus = make_method(setup)
-    assert no_corpus.ptx_rows is None
-    expected = no_corpus.nll(no_corpus.logits(no_corpus.student, batch), batch)
-    assert no_corpus.ptx_loss(batch).item() == pytest.approx(expected.item())
+    # method.ptx_source=gold: the gold responses of the batch are the PT batch
+    gold = make_method(setup, ptx_source="gold", ptx_kd_ratio=0.0)
+    assert gold.ptx_rows is None and gold.ptx_weight == 0.5
+    expected = gold.nll(gold.logits(gold.student, batch), batch)
+    assert gold.ptx_loss(batch)[0].item() == pytest.approx(expected.item())
+
+
+def test_ptx_on_a_pt_batch_is_lmops_mixture_of_forward_kl_and_lm(setup, tmp_path):
+    """LMOps' pre-training loss: kd_ratio * KL(p || q) + (1 - kd_ratio) * LM on the PT rows (--kd-ratio 0.5),
+    computed by hand in float64 from full softmaxes at every position that has a next token."""
+    teacher, student, tok, _ = setup
+    (tmp_path / "c.txt").write_text("".join(f"a document, number {i}, about {i * 3}\n" for i in range(40)))
+    method = make_method(setup, ptx_corpus=str(tmp_path / "c.txt"), ptx_length=12)
+    assert method.cfg.ptx_kd_ratio == 0.5 and method.ptx_weight == 0.5
+    batch = first_batch(setup, size=3)
+    torch.manual_seed(9)
+    got, logs = method.ptx_loss(batch)
+    torch.manual_seed(9)
+    rows = method.ptx_rows[torch.randint(len(method.ptx_rows), (3,))]
+    kl, lm, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logq = F.log_softmax(student(input_ids=row[None]).logits[0, :-1, : len(tok)].double(), -1)
+            logp = F.log_softmax(teacher(input_ids=row[None]).logits[0, :-1, : len(tok)].double(), -1)
+            for t in range(len(row) - 1):
+                kl += (logp[t].exp() * (logp[t] - logq[t])).sum().item()
+                lm -= logq[t, row[t + 1]].item()
+                count += 1
+    kl, lm = kl / count, lm / count
+    assert kl > 0.1 and lm > 0.1
+    assert got.item() == pytest.approx(0.5 * kl + 0.5 * lm, rel=1e-5)
+    assert (logs["ptx_fkl"], logs["ptx_nll"]) == (pytest.approx(kl, rel=1e-5), pytest.approx(lm, rel=1e-5))
+
+
+def test_without_a_corpus_there_is_no_ptx_term_and_one_line_says_so(setup, capsys):
+    batch = first_batch(setup, size=2)
+    kwargs = {"rollouts": 2, "ppo_epochs": 1, "max_new_tokens": 3, "sft_steps": 0}
+    method = make_method(setup, **kwargs)        # ptx_weight 0.5, ptx_source corpus, ptx_corpus null
+    said = [line for line in capsys.readouterr().out.splitlines() if "PTX" in line]
+    assert len(said) == 1 and "method.ptx_corpus=null" in said[0] and "method.ptx_source=gold" in said[0]
+    assert method.ptx_weight == 0.0
+    torch.manual_seed(0)
+    out = method.loss(batch, 0)
+    assert not any(k.startswith("ptx") for k in out.logs)
+    off = make_method(setup, ptx_weight=0.0, **kwargs)
+    torch.manual_seed(0)
+    assert off.loss(batch, 0).loss.item() == out.loss.item()
+    with pytest.raises(ConfigError, match=r"method.ptx_source=gold .* method.ptx_corpus=c.txt .*ptx_source=corpus"):
+        make_method(setup, ptx_source="gold", ptx_corpus="c.txt")
+
+
+# -- dropout in the policy update ------------------------------------------------------------------
+def test_phase_two_ratio_is_exactly_one_on_the_first_pass_with_a_dropout_student(monkeypatch):
+    """LMOps runs phase 2 with dropout off (``base_model.eval()  # no dropout for RL``): a GPT-2 student
+    (dropout 0.1) in training mode gives, before any update, q_theta(y_t) = q_old(y_t) on every token of a
+    fresh buffer, so rho_t / w_t = 1 (float rounding only: the sampler's KV-cached forward against one full
+    forward); the SFT phase keeps its dropout."""
+    teacher, tok = load_teacher(conf_option("teacher", "tiny-gpt2"), torch.float32)
+    student = build_student(conf_option("student", "tiny-gpt2"), teacher, tok, "tiny-gpt2", torch.float32)[0]
+    assert student.config.resid_pdrop == 0.1 and student.training
+    data = OmegaConf.load(ROOT / "conf/dataset/synthetic.yaml")
+    data.sizes = {"train": 8, "valid": 2, "test": 2}
+    enc = {k: encode(v, tok, "alpaca", 320, 400) for k, v in load_splits(data, 1).items()}
+    gpt2 = (teacher, student, tok, enc)
+    ratios, real = [], minillm.clipped_surrogate
+
+    def spy(logprobs, old_logprobs, adv, weights, eps):
+        ratios.append((logprobs - old_logprobs).exp().detach())
+        return real(logprobs, old_logprobs, adv, weights, eps)
+
+    monkeypatch.setattr(minillm, "clipped_surrogate", spy)
+    method = make_method(gpt2, rollouts=8, ppo_epochs=1, max_new_tokens=8, sft_steps=None, ptx_weight=0.0)
+    sft, policy = method.phases()
+    sft.method.loss(first_batch(gpt2, size=4), 0)
+    assert any(m.p == 0.1 for m in student.modules() if isinstance(m, torch.nn.Dropout))   # phase 1: dropout on
+    data_iter = batches(enc["train"], 4, tok.pad_token_id, seed=0)
+    torch.manual_seed(0)
+    for step in range(2):   # one buffer of 8 rollouts, two minibatches, no update in between
+        policy.method.loss(next(data_iter)[2], step)
+    ratio = torch.cat(ratios)
+    assert student.training and ratio.numel() > 8
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
 
 
 # -- the paper's setting ---------------------------------------------------------------------------
@@ -371,6 +449,13 @@ def test_the_table_experiment_is_the_papers_app_b_setting(setup):
     assert m.name == "minillm" and (cfg.teacher.name, cfg.student.name) == ("gpt2-xl", "gpt2-base")
     # phase 1: 3 epochs of SFT, the lowest validation loss kept
     assert m.sft_epochs == 3 and m.sft_steps is None
+    # rollouts of at most 256 new tokens (prompts <= 256, sequences <= 512); PTX on OpenWebText as LMOps
+    assert (m.max_new_tokens, m.ptx_weight, m.ptx_kd_ratio, m.ptx_source, m.disable_dropout) == \
+        (256, 0.5, 0.5, "corpus", True)
+    with pytest.raises(ConfigError, match=r"^method.ptx_corpus=data/openwebtext.jsonl: no such file; .*"
+                                          r"load_dataset\('Skylion007/openwebtext'.* > data/openwebtext.jsonl`"):
+        minillm.MiniLLM(m, Context(*setup[:3], None, None, None))
+    m.ptx_corpus = None   # the phases below do not depend on it
     phases = minillm.MiniLLM(m, Context(*setup[:3], None, None, None)).phases()
     assert [p.name for p in phases] == ["sft", "minillm"]
     assert phases[0].epochs == 3 and phases[0].max_steps is None and phases[0].keep_best_valid_loss

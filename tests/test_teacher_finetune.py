@@ -167,3 +167,30 @@ def test_lora_mode_publishes_the_merged_teacher(tmp_path):
     # the adapter sits on the attention's q and v projections; merging changes exactly those weights
     assert moved == {k for k in saved if k.endswith(("q_proj.weight", "v_proj.weight"))}
     assert not any(p.requires_grad for p in tuned.parameters()) and not tuned.training
+
+
+def test_lora_mode_on_gpt2_adapts_only_the_q_and_v_columns_of_c_attn(tmp_path):
+    """GPT-2 fuses q, k and v into c_attn (Conv1D weight [in, 3d]); the teacher's LoRA is OKD's q/v-only
+    layer (kdlab.modeling.lora_config), so merging moves the q and v columns of every c_attn and nothing
+    else: not k's columns, not the bias, not any other weight."""
+    from kdlab.data import encode, load_splits, prompt_template
+    from kdlab.hardware import setup_runtime
+    from kdlab.modeling import load_model
+    from kdlab.teacher import load_teacher
+    from kdlab.teacher.finetune import finetuned_teacher
+
+    cfg = config("teacher=tiny-gpt2", "student=tiny-gpt2", "+teacher.finetune.mode=lora", f"output_dir={tmp_path}",
+                 "teacher.finetune.lr=1e-2")
+    runtime = setup_runtime(cfg.hardware)
+    teacher, tok = load_teacher(cfg.teacher, runtime.dtype)
+    train = encode(load_splits(cfg.dataset, cfg.seed)["train"], tok, prompt_template(cfg), 320, 400)
+    tuned = finetuned_teacher(cfg, runtime, teacher, tok, train).state_dict()
+    base = load_model(cfg.teacher, "teacher", torch.float32, len(tok)).state_dict()
+    moved = {k for k in base if not torch.equal(tuned[k], base[k])}
+    c_attn = {k for k in base if k.endswith("attn.c_attn.weight")}
+    assert moved == c_attn and len(c_attn) == 2
+    d = cfg.teacher.random.hidden_size
+    for k in c_attn:
+        delta = (tuned[k] - base[k]).abs()
+        assert delta[:, d:2 * d].max() == 0                                    # k: untouched
+        assert delta[:, :d].amax(dim=0).min() > 0 and delta[:, 2 * d:].amax(dim=0).min() > 0   # q, v: every column

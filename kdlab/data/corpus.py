@@ -36,7 +36,10 @@ def check_corpus(path: str, key: str) -> Path:
     file = _resolve(path)
     if not file.is_file():
         raise ConfigError(f"{key}={path}: no such file; point it at a local .txt (one document per line) or .jsonl "
-                          f"(a 'text' field per line) corpus, or set {key}=null to use the training responses")
+                          f"(a 'text' field per line) corpus, e.g. OpenWebText (MiniLLM's, LMOps) saved once with `python "
+                          f"-c \"import datasets, json; [print(json.dumps({{'text': r['text']}})) for r in datasets."
+                          f"load_dataset('Skylion007/openwebtext', split='train', streaming=True).take(50000)]\" > "
+                          f"{path}`, or set {key}=null (no PTX term)")
     return file
 
 

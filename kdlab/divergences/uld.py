@@ -11,8 +11,12 @@ where ``q_(i)``, ``p_(i)`` are the probabilities sorted in decreasing order and 
 zero-padded. The paper's objective (Eq. 3) is ``L = L_CE + lambda * L_ULD``: ``divergence.ce_weight``
 (1) times the student's cross-entropy on the gold response plus ``divergence.distill_weight``
 (``lambda``, 1) times W1 averaged over aligned positions. Here a position is an aligned group of
-:mod:`kdlab.alignment` (the distributions predicting the group's first token on each side); the
-mean is over all groups of the batch (the paper's code averages per sequence, then over sequences).
+:mod:`kdlab.alignment` (the distributions predicting the group's first token on each side).
+Reduction: ULD's own default (``method=kd``, ``imitkd``, ``gkd method.normalize=token``) pools the
+groups of the whole batch into one mean, whereas the ULD authors' code averages W1 within each sequence
+and then over the sequences, a departure that weights long responses more; ``gkd`` with its default
+``method.normalize=sequence`` averages per sequence as the authors do
+(:meth:`kdlab.alignment.CrossTokenizer.distill`).
 ``p = softmax(t / tau)``, ``q = softmax(s / tau)``, one ``tau`` for both (the paper uses 1).
 
 Gradient (a.e.; the sort is a permutation, fixed between ties): with ``K = min(|V_s|, |V_t|)`` and

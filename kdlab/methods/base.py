@@ -137,19 +137,20 @@ class Method:
             return self.ctx.teacher_cache.lookup(batch)
         return self.teacher_logits(batch)
 
-    def aligned_distill(self, student_logits: torch.Tensor, batch) -> torch.Tensor:
+    def aligned_distill(self, student_logits: torch.Tensor, batch, per_sequence: bool = False) -> torch.Tensor:
         """Across tokenizers: the divergence over the aligned groups of ``batch`` re-tokenised for the
-        teacher (:mod:`kdlab.alignment`), from the student's response logits."""
-        return self.ctx.cross_tokenizer.distill(self.ctx.divergence, student_logits, self.teacher, batch)
+        teacher (:mod:`kdlab.alignment`), from the student's response logits; pooled over the batch's
+        groups, or (``per_sequence``) the mean within each sequence's groups, then over the sequences."""
+        return self.ctx.cross_tokenizer.distill(self.ctx.divergence, student_logits, self.teacher, batch, per_sequence)
 
     def response_divergence(self, student_logits: torch.Tensor, batch, per_sequence: bool = False) -> torch.Tensor:
         """The divergence ``D(p_teacher || q_student)`` over ``batch``'s responses from the live teacher, for
         methods that train on their own samples (GKD, ImitKD): the mean over all response tokens, or
         (``per_sequence``) the mean within each sequence and then over the sequences (GKD's Eq. 2).
         Across tokenizers the samples are re-tokenised for the teacher and D is the divergence over the
-        aligned groups (:meth:`aligned_distill`), pooled over tokens."""
+        aligned groups (:meth:`aligned_distill`), the groups standing in for tokens in either mean."""
         if self.ctx.cross_tokenizer is not None:
-            return self.ctx.divergence.objective(self.aligned_distill(student_logits, batch), None)
+            return self.ctx.divergence.objective(self.aligned_distill(student_logits, batch, per_sequence), None)
         teacher = self.teacher_logits(batch)
         if per_sequence:
             per_token = self.ctx.divergence.per_token(student_logits, teacher)

@@ -34,6 +34,21 @@ KL ``KL(q||p)`` of the next-token distributions along the student's samples (seq
 gold responses (token level).
 Defaults follow the authors' released code where the paper is silent: beta 0.1, kd_ratio 0.5, lm_coef 0.5,
 lr 5e-4.
+
+Dropout: ``method.disable_dropout`` defaults to false: the released code (LMOps ``dpkd/main.py``) trains
+in ``model.train()`` mode, dropout on, and its token-level loss samples nothing. At sequence level the
+rejected sample is drawn in eval mode and scored with dropout; DPKD's preference compares the student
+with the frozen teacher reference, not with the sampling policy, so no ratio is biased. ``true`` zeroes it.
+
+Where kdlab still departs from the paper or the released code:
+
+- ``y_t`` is the teacher's greedy response (the paper says "the teacher's output" without a decoding
+  rule), generated at most once per prompt.
+- The released code's token level runs its log-softmaxes in bfloat16 and offers label smoothing and
+  DPOP; kdlab computes in float32 and has neither. Its ``simpo`` divides the DPO loss by the student's
+  argmax-run length / 256; kdlab's ``simpo`` is Meng et al.'s reference-free margin form.
+- The sequence-level student sample is drawn every step at ``temperature`` with no top-k/top-p (the paper
+  gives no sampling settings).
 """
 from __future__ import annotations
 
@@ -47,6 +62,7 @@ from kdlab.config import OneOf, Range, Type
 from kdlab.data import Encoded, collate
 from kdlab.generation import encoded_rows, generate, sample_student
 from kdlab.methods.base import LossOutput, Method, per_sequence_mean, reverse_kl, token_logprobs
+from kdlab.modeling import disable_dropout
 
 PREFERENCES = ("dpkd", "ipo", "cpo", "simpo")
 
@@ -96,11 +112,13 @@ class DPKD(Method):
               "preference": OneOf(*PREFERENCES), "level": OneOf("sequence", "token"),
               "chosen": OneOf("teacher", "gold"), "simpo_gamma": Range(0),
               "max_new_tokens": Range(1, integer=True, optional=True), "temperature": Range(0, low_open=True),
-              "cache_teacher": Type(bool)}
+              "cache_teacher": Type(bool), "disable_dropout": Type(bool)}
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.teacher_responses: dict[str, list[int]] = {}
+        if cfg.disable_dropout:
+            disable_dropout(self.student)
 
     def state_dict(self) -> dict:
         return {"teacher_responses": self.teacher_responses}

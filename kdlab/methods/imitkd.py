@@ -21,20 +21,39 @@ at its final value after I. The per-sequence coin flips come from the global tor
 checkpoints, so a resumed run repeats them). Sampling uses the student in eval mode (no dropout) with
 ``temperature`` / ``top_k`` / ``top_p`` (default plain sampling at temperature 1; the released IWSLT
 config samples from the top 5) and at most ``max_new_tokens`` tokens; sampled tokens carry no gradient.
+
+Dropout: ``method.disable_dropout`` defaults to false. The released code samples in eval mode
+(``self.model.eval()`` before the translator) and trains in train mode (``self.model.train()``), so the
+update runs with the student's dropout, as kdlab's; ImitKD compares no probabilities of the sampler
+with the trained model's (no importance ratio), so dropout only regularises. ``true`` zeroes it.
+
+Where kdlab still departs from the paper or the released code:
+
+- Decoder-only LMs in place of the paper's encoder-decoder translation/summarisation models: the
+  "source" is the prompt.
+- kdlab distils the teacher's full distribution (the released code's ``top_k`` path, ``F.kl_div``);
+  the released code's default path instead trains sampled rows on the teacher's argmax tokens (hard
+  targets) and gold rows on the gold tokens.
+- Only the ``exponential`` and ``linear`` schedules (the released code also has ``reverse_sigmoid``
+  and warm-up variants); beta moves every optimizer step, where the released code moves it once per
+  training step of its trainer (``iter_per_step`` batches) or per batch (``use_iter``).
+- Across tokenizers (``divergence=uld``) D is ULD's W1 over the batch's aligned groups, pooled, an
+  extension (no ``normalize`` option: ImitKD pools tokens, so groups are pooled too).
 """
 from __future__ import annotations
 
 import torch
 
-from kdlab.config import ConfigError, OneOf, Range
+from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
+from kdlab.modeling import disable_dropout
 
 
 class ImitKD(Method):
     name = "imitkd"
     schema = {**Method.schema, "schedule": OneOf("exponential", "linear"), "exp_base": Range(1, low_open=True),
-              "decay_steps": Range(1, integer=True, optional=True), **SAMPLING_SCHEMA}
+              "decay_steps": Range(1, integer=True, optional=True), "disable_dropout": Type(bool), **SAMPLING_SCHEMA}
     cross_tokenizer = True
     uses_divergence = True
 
@@ -44,6 +63,8 @@ class ImitKD(Method):
         if self.decay_steps is None:
             raise ConfigError("method=imitkd needs the length of its beta schedule: train.max_steps is null "
                               "(training by epochs), so set method.decay_steps=<optimizer steps>")
+        if cfg.disable_dropout:
+            disable_dropout(self.student)
 
     def beta(self, step: int) -> float:
         """Probability that a sequence is the gold one at optimizer step ``step``."""

@@ -10,6 +10,18 @@ micro-batch without gradients, and both models' LM heads run only at response po
 Across tokenizers (``divergence=uld`` / ``uld_hybrid``): D is taken over the aligned groups of the
 response re-tokenised for the teacher (:mod:`kdlab.alignment`) and the loss is ULD's own weighting
 (Boizard et al. 2024, Eq. 3), ``distill_weight * ULD + ce_weight * MLE``, in place of alpha.
+
+Dropout stays on in the student (as in LMOps' and DistiLLM's KD baselines): KD samples nothing.
+
+Where kdlab still departs from the reference code:
+
+- LMOps' KD loss is the cross-entropy ``-sum p log q`` (the forward KL plus the teacher's entropy): the
+  same gradient, a different logged value. DistiLLM's default is ``alpha = 1`` (distillation only),
+  LMOps' 0.5 (kdlab's default).
+- ``divergence.tau`` scales both models' logits; Hinton et al.'s ``tau^2`` factor is off unless the
+  divergence config asks for it, and the MLE term never sees tau.
+- Across tokenizers the loss follows ULD's paper weighting, pooled over all aligned groups of the batch
+  (the ULD authors' code averages per sequence; :mod:`kdlab.divergences.uld`).
 """
 from __future__ import annotations
 

@@ -33,11 +33,20 @@ Minimises the sequence-level reverse KL ``KL(q_theta || p)`` (Eq. 1) by policy g
    - loss ``L = mean_t[-min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + w_t KL_t] + ptx_weight * L_ptx``,
      means over the sampled tokens of the minibatch as in LMOps (Alg. 1 writes ``1/M`` times the sum over
      each sequence's tokens; the paper's lr 5e-6 goes with LMOps' token means);
-   - ``L_ptx``, weight 0.5: the LM loss on a pre-training corpus as in LMOps (OpenWebText for GPT-2):
-     ``method.ptx_corpus=<local .txt or .jsonl>`` packed into rows of ``ptx_length`` tokens
-     (:mod:`kdlab.data.corpus`), one row per sequence of the micro-batch drawn at random from the
-     trainer's RNG stream; with ``ptx_corpus=null`` (the default, since kdlab ships no such corpus) the
-     gold responses of the trainer's current batch stand in.
+   - ``L_ptx``, weight ``ptx_weight`` 0.5: LMOps' pre-training loss on a pre-training (PT) batch,
+     ``ptx_kd_ratio * KL(p || q_theta) + (1 - ptx_kd_ratio) * LM`` (LMOps' ``--kd-ratio 0.5``), both means over
+     the batch's target tokens. The PT batch is ``method.ptx_corpus=<local .txt or .jsonl>`` (LMOps:
+     OpenWebText for GPT-2) packed into rows of ``ptx_length`` tokens (:mod:`kdlab.data.corpus`), one row
+     per sequence of the micro-batch drawn at random from the trainer's RNG stream. kdlab ships no such
+     corpus: with ``ptx_corpus=null`` the term is off (weight 0, said once on the console), since the task's
+     gold responses in its place would make it supervised fine-tuning on the task and MiniLLM's row partly
+     an SFT row; ``method.ptx_source=gold`` asks for exactly that (the trainer's batch is the PT batch).
+
+Dropout (``method.disable_dropout``, default true): phase 2 runs the student with every dropout
+probability at 0 (:func:`kdlab.modeling.disable_dropout`), as LMOps does (``base_model.eval()  # no
+dropout for RL``): ``q_old`` is taken at sampling time in eval mode, so with dropout on (GPT-2: 0.1) the
+ratio rho_t would start away from w_t and the clip would fire on dropout noise. Phase 1 (SFT) keeps the
+student's dropout, as LMOps' SFT does.
 
 Mapping onto kdlab's trainer: **one trainer micro-batch = one PPO minibatch update** (the minibatch
 has the micro-batch's size, so App. B's mini-batch 64 is ``train.batch_size=64`` with
@@ -50,18 +59,35 @@ them. The pool is the most recent ``method.rollouts`` distinct prompts the train
 buffer and its schedule are method state (checkpointed), and all sampling draws from the trainer's
 RNG stream, so a resumed run continues exactly. Learning-rate schedules: phase 1 follows the run's
 ``train.schedule``; phase 2 uses ``method.schedule`` (default constant, App. B's constant 5e-6).
+
+Where kdlab still departs from the paper or LMOps:
+
+- The rollout prompts are the last ``rollouts`` distinct prompts of the trainer's own batches (the first
+  buffers smaller), not 256 prompts drawn afresh from the data per iteration as in LMOps.
+- ``max_new_tokens=null`` caps rollouts at the longest gold response of their prompts; the paper (and
+  ``+experiment=minillm-table``) uses 256 new tokens (prompts <= 256, sequences <= 512).
+- ``q_old`` is the sampler's (KV-cached) log-probability, so rho_t / w_t is 1 up to float rounding on a
+  fresh buffer, not bitwise.
+- The single-step term is weighted by w_t (the paper) where LMOps leaves it unweighted, and the clip is
+  LMOps' PPO form rather than Alg. 1's literal ``min`` (above).
+- PTX follows LMOps, not the paper: Alg. 1 adds ``grad L_PT`` with ``L_PT = -E log q_theta(d)``, the LM loss
+  alone at weight 1; ``method.ptx_kd_ratio=0 method.ptx_weight=1`` is that (with LMOps' token mean).
+- The PTX forward KL is the KL itself; LMOps computes the cross-entropy ``-sum p log q`` (the KL plus the
+  teacher's entropy: the same gradient, a different logged value). PTX rows are drawn with replacement,
+  one per sequence of the micro-batch, where LMOps iterates a shuffled PT loader.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdlab.config import ConfigError, OneOf, Range, Type
-from kdlab.data import Encoded, collate, left_pad
-from kdlab.data.corpus import check_corpus, pack_corpus
+from kdlab.data import Batch, Encoded, collate, left_pad
+from kdlab.data.corpus import pack_corpus
+from kdlab.divergences.losses import ForwardKL
 from kdlab.generation import SAMPLING_SCHEMA, sample_mixture
 from kdlab.methods.base import MLE, LossOutput, Method, Phase, reverse_kl, token_logprobs
+from kdlab.modeling import disable_dropout
 
 
 def mixture_weights(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -121,9 +147,10 @@ class MiniLLM(Method):
               "alpha": Range(0, 1), "rollouts": Range(1, integer=True), "ppo_epochs": Range(1, integer=True),
               "clip_ratio": Range(0, low_open=True), "gamma": Range(0, 1), "reward_scale": Range(0, low_open=True),
               "reward_clip": Range(0, low_open=True), "length_norm": Type(bool), "single_step": Type(bool),
-              "ptx_weight": Range(0), "ptx_corpus": Type(str, optional=True), "ptx_length": Range(2, integer=True),
+              "ptx_weight": Range(0), "ptx_kd_ratio": Range(0, 1), "ptx_source": OneOf("corpus", "gold"),
+              "ptx_corpus": Type(str, optional=True), "ptx_length": Range(2, integer=True),
               "ptx_max_tokens": Range(1, integer=True), **SAMPLING_SCHEMA, "max_new_tokens": Range(1, integer=True, optional=True),
-              "schedule": OneOf("constant", "linear")}
+              "schedule": OneOf("constant", "linear"), "disable_dropout": Type(bool)}
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -131,8 +158,10 @@ class MiniLLM(Method):
         if cfg.sft_steps is not None and cfg.sft_epochs is not None:
             raise ConfigError(f"method.sft_steps={cfg.sft_steps} and method.sft_epochs={cfg.sft_epochs} both set the "
                               "SFT phase's length; set one of them to null")
-        if cfg.ptx_corpus and cfg.ptx_weight:
-            check_corpus(cfg.ptx_corpus, "method.ptx_corpus")
+        if cfg.ptx_source == "gold" and cfg.ptx_corpus:
+            raise ConfigError(f"method.ptx_source=gold trains the PTX term on the task's gold responses, yet "
+                              f"method.ptx_corpus={cfg.ptx_corpus} names a corpus; set method.ptx_source=corpus to use "
+                              f"the corpus, or method.ptx_corpus=null")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -140,8 +169,18 @@ class MiniLLM(Method):
         self.buffer: list[dict] = []                     # one dict of 1-D tensors per rollout
         self.schedule: list[list[int]] = []             # remaining minibatches (buffer indices)
         self.last_reward = 0.0
-        self.ptx_rows = None if not cfg.ptx_corpus or not cfg.ptx_weight else pack_corpus(
-            cfg.ptx_corpus, ctx.tokenizer, cfg.ptx_length, cfg.ptx_max_tokens)
+        self.ptx_weight, self.ptx_rows = cfg.ptx_weight, None
+        if cfg.ptx_weight and cfg.ptx_source == "corpus":
+            if cfg.ptx_corpus:
+                self.ptx_rows = pack_corpus(cfg.ptx_corpus, ctx.tokenizer, cfg.ptx_length, cfg.ptx_max_tokens)
+            else:
+                # the gold responses would make PTX supervised fine-tuning on the task (a partly-SFT row)
+                self.ptx_weight = 0.0
+                if ctx.runtime is None or ctx.runtime.is_main:
+                    print("kdlab: minillm: PTX term off (method.ptx_corpus=null): set method.ptx_corpus=<local "
+                          "OpenWebText .txt/.jsonl> for LMOps' pre-training term, or method.ptx_source=gold to "
+                          "train it on the task's gold responses", flush=True)
+        self.ptx_divergence = ForwardKL()
 
     def phases(self) -> list[Phase]:
         phases = [Phase("minillm", self, schedule=self.cfg.schedule)]
@@ -202,6 +241,8 @@ class MiniLLM(Method):
     # -- the update ---------------------------------------------------------------------------------
     def loss(self, batch, step):
         cfg, device = self.cfg, batch.input_ids.device
+        if cfg.disable_dropout:   # here, not in __init__: the SFT phase trains the same student with dropout
+            disable_dropout(self.student)
         self.remember(batch)
         if not self.schedule:
             self.refill(len(batch), device)
@@ -218,19 +259,31 @@ class MiniLLM(Method):
         logs = {"pg": pg.item(), "rkl": kl.mean().item(), "clipfrac": clipped.float().mean().item(),
                 "ratio": ((logprobs - old).exp() * weight).mean().item(), "reward": self.last_reward,
                 "response_len": seqs.response_mask.sum().item() / len(rollouts)}
-        if cfg.ptx_weight:
-            ptx = self.ptx_loss(batch)
-            loss = loss + cfg.ptx_weight * ptx
-            logs["ptx"] = ptx.item()
+        if self.ptx_weight:
+            ptx, ptx_logs = self.ptx_loss(batch)
+            loss = loss + self.ptx_weight * ptx
+            logs.update(ptx_logs)
         return LossOutput(loss, logs)
 
-    def ptx_loss(self, batch) -> torch.Tensor:
-        """Mean next-token NLL of ``len(batch)`` random corpus rows, or of the batch's gold responses."""
-        if self.ptx_rows is None:
-            return self.nll(self.logits(self.student, batch), batch)
+    def ptx_batch(self, batch) -> Batch:
+        """The pre-training batch: ``len(batch)`` random corpus rows (every token after the first is a
+        target), or with ``method.ptx_source=gold`` the trainer's batch itself (its gold responses)."""
+        if self.cfg.ptx_source == "gold":
+            return batch
         rows = self.ptx_rows[torch.randint(len(self.ptx_rows), (len(batch),))].to(batch.input_ids.device)
-        logits = self.student(input_ids=rows).logits[:, :-1, : self.vocab_size]
-        return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+        labels = torch.cat([rows[:, 1:], rows.new_full((len(rows), 1), -100)], dim=1)
+        ones = torch.ones_like(rows)
+        return Batch(rows, ones, labels, labels != -100, rows[:, :1], ones[:, :1])
+
+    def ptx_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """LMOps' pre-training loss on the PT batch, ``kd * KL(p || q) + (1 - kd) * NLL`` with
+        ``kd = method.ptx_kd_ratio``, both means over its target tokens (module docstring)."""
+        pt, kd = self.ptx_batch(batch), self.cfg.ptx_kd_ratio
+        student = self.logits(self.student, pt)
+        nll = self.nll(student, pt)
+        fkl = self.ptx_divergence(student, self.teacher_logits(pt)) if kd else torch.zeros_like(nll)
+        ptx = kd * fkl + (1 - kd) * nll
+        return ptx, {"ptx": ptx.item(), "ptx_fkl": fkl.item(), "ptx_nll": nll.item()}
 
 
 METHOD = MiniLLM

@@ -31,7 +31,7 @@ Defaults and departures:
   default. Sec. V-E also mentions "a non-linear transformation" between W_down and W_up; Eq. 15 and
   standard LoRA have none, and neither has kdlab.
 - GPT-2 fuses q, k and v into one ``c_attn`` (a Conv1D: weight ``[in, 3d]``, output ``[q | k | v]``).
-  :class:`QVLoraConv1D`, registered with peft's custom-layer mechanism, adapts only its q and v output
+  ``kdlab.modeling``'s ``QVLoraConv1D`` (the same layer ``teacher.finetune.mode=lora`` uses), registered with peft's custom-layer mechanism, adapts only its q and v output
   columns, each with its own rank-r pair (the LoRA paper's own GPT-2 layer, loralib's ``MergedLinear``
   with ``enable_lora=[True, False, True]``, which also draws one dropout mask for both); k gets no
   parameters. Reload a saved GPT-2 module with :func:`load_online_module` (plain
@@ -39,6 +39,9 @@ Defaults and departures:
   ``target_modules=[c_attn]`` given explicitly adapts the whole fused projection with peft's own layer.
 - The module's dropout is active during training while the teacher's own dropout stays off (the
   teacher is in eval mode), as for a frozen teacher in KD.
+- The student trains with its own dropout on, as in KD: OKD samples nothing (teacher forcing on the
+  gold responses), so no sampling-time probabilities are compared with training-time ones; the paper
+  gives no dropout setting.
 - Algorithm 1 updates both with one learning rate eta; kdlab gives the module its own ``module_lr``
   (default equal to ``lr``, 5e-4) and each side its own AdamW (the paper names no optimizer). Both
   gradients come from the one forward of Algorithm 1's step 3, as there.
@@ -55,7 +58,6 @@ and MiniLLM (the paper's claim, Sec. I and V-C: about 1/4 of the on-policy metho
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from pathlib import Path
@@ -66,82 +68,13 @@ from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, OneOf, Range, Type
 from kdlab.divergences.losses import ForwardKL
 from kdlab.methods.base import LossOutput, Method, ParamGroup
-from kdlab.modeling import layer_list, lm_head, lora_targets
-
-
-@functools.cache
-def _qv_lora_layer():
-    """:class:`QVLoraConv1D`, built once on first use so that importing kdlab does not import peft."""
-    from peft.tuners.lora.layer import Linear
-
-    class QVLoraConv1D(Linear):
-        """LoRA on the q and v thirds of GPT-2's fused ``c_attn`` only (module docstring).
-
-        ``lora_A`` is ``[2r, in]`` (rows ``:r`` for q, ``r:`` for v) and ``lora_B`` ``[2d, r]`` (rows ``:d``
-        for q, ``d:`` for v): ``out[..., :d] += s B_q A_q x``, ``out[..., 2d:] += s B_v A_v x``, the k
-        columns untouched. The names keep peft's ``lora_A``/``lora_B``, so its init, ``requires_grad``
-        handling, saving and loading apply unchanged; only the shapes and the forward differ.
-        """
-
-        def __init__(self, base_layer, adapter_name, config, **kwargs):
-            if config.lora_bias or config.use_dora:
-                raise ConfigError("the q/v-only LoRA of GPT-2's c_attn supports neither lora_bias nor DoRA")
-            super().__init__(base_layer, adapter_name, config, is_target_conv_1d_layer=True, **kwargs)
-
-        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
-            super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
-            self.lora_A[adapter_name] = torch.nn.Linear(self.in_features, 2 * r, bias=False)
-            self.lora_B[adapter_name] = torch.nn.Linear(r, 2 * (self.out_features // 3), bias=False)
-            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
-            self._move_adapter_to_device_of_base_layer(adapter_name)
-            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-        def _qv_deltas(self, adapter, x):
-            r, d = self.r[adapter], self.out_features // 3
-            a = self.lora_A[adapter](self.lora_dropout[adapter](x))
-            b = self.lora_B[adapter].weight
-            return a[..., :r] @ b[:d].T, a[..., r:] @ b[d:].T
-
-        def get_delta_weight(self, adapter) -> torch.Tensor:
-            r, d = self.r[adapter], self.out_features // 3
-            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            delta = a.new_zeros(self.in_features, self.out_features)  # Conv1D layout [in, out]
-            delta[:, :d] = (b[:d] @ a[:r]).T
-            delta[:, 2 * d:] = (b[d:] @ a[r:]).T
-            return delta * self.scaling[adapter]
-
-        def forward(self, x, *args, **kwargs):
-            if kwargs.get("adapter_names") is not None:
-                raise NotImplementedError("mixed-adapter batches are not supported by the q/v-only GPT-2 LoRA")
-            if self.disable_adapters or self.merged:
-                return super().forward(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
-            d = self.out_features // 3
-            for adapter in self.active_adapters:
-                if adapter not in self.lora_A:
-                    continue
-                q, v = self._qv_deltas(adapter, x.to(self.lora_A[adapter].weight.dtype))
-                scaling = self.scaling[adapter]
-                # in place into the fresh base output (Conv1D's addmm keeps no reference to it for its
-                # backward), so the k columns are neither copied nor touched
-                result[..., :d] += (q * scaling).to(result.dtype)
-                result[..., 2 * d:] += (v * scaling).to(result.dtype)
-            return result
-
-    return QVLoraConv1D
-
-
-def register_qv_lora(config) -> None:
-    """Route GPT-2's Conv1D targets of ``config`` (a peft ``LoraConfig``) to :class:`QVLoraConv1D`."""
-    from transformers.pytorch_utils import Conv1D
-
-    config._register_custom_module({Conv1D: _qv_lora_layer()})
+from kdlab.modeling import layer_list, lm_head, lora_config, register_qv_lora
 
 
 def load_online_module(model, path):
     """``PeftModel.from_pretrained`` for a module :meth:`OKD.save` wrote, the q/v-only GPT-2 layer
     included (peft does not record custom layers in ``adapter_config.json``, so it is registered again
-    when the saved ``lora_A`` has the 2r rows of :class:`QVLoraConv1D`)."""
+    when the saved ``lora_A`` has the 2r rows of ``kdlab.modeling``'s ``QVLoraConv1D``)."""
     from peft import LoraConfig, PeftConfig, PeftModel
     from safetensors import safe_open
 
@@ -171,16 +104,12 @@ def check_lora_layers(key: str, value) -> None:
 
 
 def peft_config(cfg, teacher):
-    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, TaskType
+    from peft import PrefixTuningConfig, PromptEncoderConfig, TaskType
 
     if cfg.online_module == "lora":
-        targets, fan_in_fan_out = lora_targets(teacher, cfg.target_modules, "method.target_modules")
-        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.rank, lora_alpha=cfg.scaling * cfg.rank,
-                            lora_dropout=cfg.dropout, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-                            layers_to_transform=adapted_blocks(len(layer_list(teacher)), cfg.lora_layers))
-        if teacher.config.model_type == "gpt2" and not cfg.target_modules:
-            register_qv_lora(config)
-        return config
+        return lora_config(teacher, cfg.target_modules, "method.target_modules", rank=cfg.rank,
+                           alpha=cfg.scaling * cfg.rank, dropout=cfg.dropout, task_type=TaskType.CAUSAL_LM,
+                           layers_to_transform=adapted_blocks(len(layer_list(teacher)), cfg.lora_layers))
     if cfg.online_module == "prefix":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,

@@ -25,6 +25,16 @@ Across tokenizers (``divergence=uld`` selects the student's own tokenizer; no di
 teacher generates from its own rendering of each prompt (its template and tokens) and its response,
 as text, is re-encoded with the student's tokenizer after the student's prompt, ending with the
 student's EOS exactly when the teacher stopped (kdlab.alignment); the cache stores the student's tokens.
+
+Dropout stays on in the student: the loss is MLE on fixed responses (SFT's).
+
+Where kdlab still departs from the paper:
+
+- Greedy decoding by default where Kim & Rush use beam search with beam 5 (``generation.num_beams=5``).
+- Only Seq-KD: the paper's Seq-Inter (fine-tuning towards the beam candidate closest to the gold
+  response) and its combination with word-level KD are not provided (word-level KD is ``method=kd``).
+- The teacher's responses are generated once, before training, for the distinct training prompts; a
+  response cut by ``max_new_tokens`` or ``max_length`` has no EOS.
 """
 from __future__ import annotations
 

@@ -9,8 +9,10 @@ decay, gradient clipping), and the result is what the method distils from, what 
 evaluation row measures and what OKD adds its module to. A student cut from the teacher's layers
 (``student.init=teacher_layers``) is cut from the teacher as loaded, so it starts where it would without
 fine-tuning. No validation runs during fine-tuning: the final weights are published.
-``mode: lora`` trains a LoRA adapter (Hu et al. 2022; peft) on the attention projections and merges it
-into the weights (``merge_and_unload``), so the published teacher is a plain model either way.
+``mode: lora`` trains a LoRA adapter (Hu et al. 2022; peft) on the attention's query and value projections
+(:func:`kdlab.modeling.lora_config`, the layer OKD's online module uses: on GPT-2 the q and v thirds of
+the fused ``c_attn``, k untouched) and merges it into the weights (``merge_and_unload``), so the
+published teacher is a plain model either way.
 
 A fine-tuned teacher is computed once and shared, under ``<output_dir>/teachers/``:
 
@@ -43,7 +45,7 @@ import torch
 
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
-from kdlab.modeling import lora_targets
+from kdlab.modeling import lora_config
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
 DEFAULTS = {
@@ -108,6 +110,9 @@ def key_components(cfg, train_items) -> dict:
 
     teacher = {k: v for k, v in plain(cfg.teacher).items() if k not in ("cache", "finetune")}
     finetune = {k: v for k, v in settings(cfg.teacher.finetune).items() if k != "save_every"}
+    if finetune["mode"] == "lora":
+        # the q/v-only GPT-2 layer replaced one on all of q, k and v: teachers built before it are not reused
+        finetune["lora_layer"] = "query-value"
     return {"teacher": teacher, "finetune": finetune, "template": prompt_template(cfg),
             "data": data_hash(train_items), "examples": len(train_items), "dtype": cfg.hardware.get("dtype")}
 
@@ -166,12 +171,11 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     model = torch.nn.Module.float(teacher).train()
     peft_model = None
     if s["mode"] == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets, fan_in_fan_out = lora_targets(model, s["target_modules"], "teacher.finetune.target_modules")
-        peft_model = get_peft_model(model, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"],
-                                                      lora_dropout=s["lora_dropout"], target_modules=targets,
-                                                      fan_in_fan_out=fan_in_fan_out))
+        peft_model = get_peft_model(model, lora_config(model, s["target_modules"], "teacher.finetune.target_modules",
+                                                       rank=s["lora_rank"], alpha=s["lora_alpha"],
+                                                       dropout=s["lora_dropout"]))
         model = peft_model.base_model.model   # the causal LM with the adapter injected (response_logits' interface)
     else:
         model.requires_grad_(True)
