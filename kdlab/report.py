@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from kdlab.checkpoint import DiskFull, atomic_file, atomic_write_text
 
 # Folders a run writes that are never run directories themselves.
 SKIP_DIRS = {".hydra", "wandb", "checkpoints", "student", "student_best", "__pycache__"}
@@ -246,7 +249,7 @@ def plot_curves(rows: list[Row], key: str, title: str, out: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out)
     plt.close(fig)
     return drawn
 
@@ -287,9 +290,14 @@ def plot_unc(rows: list[Row], dataset: str, title: str, out: Path) -> bool:
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out)
     plt.close(fig)
     return True
+
+
+def save_figure(fig, out: Path) -> None:
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=out.suffix[1:])
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -356,11 +364,12 @@ def build_report(folder: Path, out: Path, metric: str = "rougeL") -> str:
     md += _md_table(["run dir", *PROBLEM_FIELDS], body) if body else ["None."]
 
     text = "\n".join(md) + "\n"
-    (out / "report.md").write_text(text)
-    with open(out / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv_rows)
+    atomic_write_text(out / "report.md", text)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(out / "report.csv", table.getvalue())
     return text
 
 
@@ -378,7 +387,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kdlab: error: {problem}; pass the output folder of a run or sweep (e.g. outputs/multirun/<experiment>)",
               file=sys.stderr)
         sys.exit(2)
-    print(build_report(args.folder, args.out or args.folder, args.metric), end="")
+    try:
+        print(build_report(args.folder, args.out or args.folder, args.metric), end="")
+    except DiskFull as err:
+        print(f"kdlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

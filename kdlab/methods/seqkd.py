@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdlab import runlock
 from kdlab.alignment import token_bytes
 from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, Range, Type, check_section, plain
@@ -108,7 +109,8 @@ class SeqKD(MLE):
 
     def write_cache(self, folder: Path, responses: dict) -> None:
         tok = self.ctx.tokenizer
-        with atomic_dir(folder) as tmp:
+        with runlock.hold_entry(folder.parent, folder.name, f"writing the teacher's responses {folder.name}"), \
+                atomic_dir(folder) as tmp:
             (tmp / "responses.jsonl").write_text("".join(
                 json.dumps({"prompt_ids": list(p), "response_ids": r, "response": tok.decode(r)}) + "\n"
                 for p, r in responses.items()))
