@@ -72,10 +72,12 @@ class DiskFull(OSError):
 
     def __init__(self, code: int, path, needed: int = 0):
         super().__init__(code, os.strerror(code), str(path))
-        self.needed, self.free = needed, _free(Path(path).parent)
+        self.needed = needed
+        self.free, self.free_inodes = _free(Path(path).parent), _free(Path(path).parent, inodes=True)
 
     def __str__(self) -> str:
         space = [] if self.free is None else [f"{_size_text(self.free)} free there"]
+        space += ["no free inodes (too many files)"] if self.free_inodes == 0 else []
         space += [f"at least {_size_text(self.needed)} needed"] if self.needed else []
         return (f"{self.strerror} writing {self.filename}{' (' + ', '.join(space) + ')' if space else ''}; the "
                 f"files written before are intact: free space and run the same command again to resume")
@@ -88,10 +90,11 @@ def _size_text(size: int) -> str:
         size /= 1024
 
 
-def _free(folder: Path) -> int | None:
+def _free(folder: Path, inodes: bool = False) -> int | None:
+    """Bytes (or inodes) an unprivileged process may still use on ``folder``'s file system."""
     with contextlib.suppress(OSError):
         st = os.statvfs(folder)
-        return st.f_bavail * st.f_frsize
+        return st.f_favail if inodes else st.f_bavail * st.f_frsize
     return None
 
 

@@ -8,8 +8,8 @@ resumable checkpoint is written. Running the same job again in the same folder r
 checkpoint that loads and reproduces the uninterrupted run; the metrics logged after it (or all of them,
 when there is none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end
 training at the next step boundary with a checkpoint of that step (``kdlab.preemption``). A step whose
-loss (or a term the method logs) is not finite ends training before its optimizer step, with nothing of
-it saved (:class:`TrainingDiverged`).
+loss (or a term the method logs) or gradient is not finite ends training before its optimizer step, with
+nothing of it saved (:class:`TrainingDiverged`; gradients are checked outside ZeRO, see ``kdlab.optim``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def validate_train(cfg) -> None:
 
 
 class TrainingDiverged(Exception):
-    """A step's loss is NaN or infinite; the message is one line naming the step and the loss terms."""
+    """A step's loss, a term of it or a gradient is NaN or infinite; the message is one line naming the step and
+    the terms."""
 
 
 class Trainer:
@@ -132,9 +133,9 @@ class Trainer:
         written, are from before it; the rerun would meet the same step again (training is reproducible)."""
         terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
         last = (self.ckpt_dir / "LAST").read_text().strip() if (self.ckpt_dir / "LAST").exists() else "none"
-        return TrainingDiverged(f"the training loss is not finite at step {step} ({terms}); nothing of this step "
-                                f"was saved (last checkpoint: {last}); lower the learning rate or check the "
-                                f"training data, then run in a new folder (hydra.run.dir=<folder>)")
+        return TrainingDiverged(f"training diverged at step {step}, a loss term or gradient is not finite ({terms}); "
+                                f"nothing of this step was saved (last checkpoint: {last}); lower the learning rate "
+                                f"or check the training data, then run in a new folder (hydra.run.dir=<folder>)")
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -190,7 +191,11 @@ class Trainer:
                 raise self.diverged(offset + step + 1, logs)
             position = (epoch, (micro_index + 1) // tc.grad_accum)
             for name, opt in self.optimizers.items():
-                norm = opt.step()
+                try:
+                    norm = opt.step()
+                except optim.NonFiniteGradient as err:
+                    bar.close()
+                    raise self.diverged(offset + step + 1, {**logs, f"grad_norm/{name}": err.norm}) from None
                 if norm is not None:
                     logs[f"grad_norm/{name}"] = norm
                 logs[f"lr/{name}"] = self.schedules[name].get_last_lr()[0]
