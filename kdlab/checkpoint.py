@@ -76,11 +76,15 @@ class DiskFull(OSError):
         self.free, self.free_inodes = _free(Path(path).parent), _free(Path(path).parent, inodes=True)
 
     def __str__(self) -> str:
-        space = [] if self.free is None else [f"{_size_text(self.free)} free there"]
-        space += ["no free inodes (too many files)"] if self.free_inodes == 0 else []
-        space += [f"at least {_size_text(self.needed)} needed"] if self.needed else []
-        return (f"{self.strerror} writing {self.filename}{' (' + ', '.join(space) + ')' if space else ''}; the "
-                f"files written before are intact: free space and run the same command again to resume")
+        needed = f"about {_size_text(self.needed)} needed" if self.needed else ""
+        if self.free_inodes == 0:
+            room = "no free inodes there (too many files)"
+        elif self.errno == errno.EDQUOT or self.free is None:
+            room = needed
+        else:   # what a write held when the disk filled is no more than was free: only an estimate says more
+            room = f"{_size_text(self.free)} free there, " + (needed if self.needed > self.free else "more needed")
+        return (f"{self.strerror} writing {self.filename}{f' ({room})' if room else ''}; the files written before "
+                f"are intact: free space and run the same command again to resume")
 
 
 def _size_text(size: int) -> str:
@@ -96,6 +100,15 @@ def _free(folder: Path, inodes: bool = False) -> int | None:
         st = os.statvfs(folder)
         return st.f_favail if inodes else st.f_bavail * st.f_frsize
     return None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists and tuples): what writing them will take."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def _size(path: Path) -> int:
@@ -138,15 +151,14 @@ def _remove(path: Path) -> None:
 @contextlib.contextmanager
 def on_full_disk(path: Path, needed: int = 0, temporary: Path | None = None):
     """Write ``path`` in the block: a full disk or quota met there becomes one :class:`DiskFull` naming
-    ``path``. With ``temporary`` (what the block writes into), the temporary is removed however the block
-    ends but by succeeding, and the space it needs is at least what it held when the disk filled."""
+    ``path`` and ``needed`` (bytes, an estimate; 0: unknown). With ``temporary`` (what the block writes
+    into), the temporary is removed however the block ends but by succeeding."""
     path = Path(path)
     try:
         yield
     except BaseException as err:
         code = None if isinstance(err, DiskFull) else disk_full_errno(err, path.parent)
         if temporary is not None:
-            needed = max(needed, _size(temporary))
             _remove(temporary)
         if code is None:
             raise
@@ -195,16 +207,16 @@ def read_json(path: Path):
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, like: Path | None = None):
+def atomic_dir(target: Path, needed: int = 0):
     """Yield a temporary folder that replaces ``target`` when the block succeeds.
 
     The old folder is moved aside before the new one is renamed in, so at every moment either the
     old or the new complete folder exists (``recover_dir`` restores the old one after a crash). A full
-    disk is a :class:`DiskFull` naming ``target``, with the space needed estimated from the folder it
-    replaces (or ``like``, a folder of the same kind) and what was written before the disk filled.
+    disk is a :class:`DiskFull` naming ``target`` and the space needed: ``needed`` (the caller's estimate)
+    or else the size of the folder it replaces.
     """
     target = Path(target)
-    needed = max(_size(target), _size(like) if like is not None else 0)
+    needed = needed or _size(target)
     with on_full_disk(target, needed):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
@@ -234,9 +246,8 @@ def save_checkpoint(root: Path, step: int, params: dict[str, list[torch.Tensor]]
     later steps are a trajectory this job abandoned (it resumed from an earlier one) and go first."""
     root = Path(root)
     name = f"step-{step:07d}"
-    previous = max(root.glob("step-*"), default=None)
-    with atomic_dir(root / name, like=previous) as tmp:
-        flat = {f"{group}/{i}": p.detach().contiguous().cpu() for group, ps in params.items() for i, p in enumerate(ps)}
+    flat = {f"{group}/{i}": p.detach().contiguous().cpu() for group, ps in params.items() for i, p in enumerate(ps)}
+    with atomic_dir(root / name, needed=tensor_bytes([flat, state])) as tmp:
         save_file(flat, tmp / "params.safetensors")
         with open(tmp / "state.pt", "wb") as f:   # a file object: its OSError (a full disk) is in torch's error chain
             torch.save(state, f)
@@ -321,12 +332,12 @@ def restore_rng(state: dict, rank: int, world_size: int) -> None:
 
 def save_pretrained(model, tokenizer, folder: Path) -> None:
     """``model`` and ``tokenizer`` as one ``from_pretrained`` folder (safetensors), published atomically."""
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, needed=tensor_bytes(model.state_dict())) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
 
 def save_weights(model, folder: Path) -> None:
     """``model``'s weights alone as ``folder/model.safetensors``, published atomically."""
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, needed=tensor_bytes(model.state_dict())) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
