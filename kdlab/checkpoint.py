@@ -9,6 +9,10 @@ previous checkpoint usable. The newest :data:`KEEP` checkpoints are kept, so tha
 not load (a truncated file, a ``LAST`` naming a missing folder) leaves an older one to resume from
 (:func:`load_checkpoint`).
 
+Every file kdlab writes goes through :func:`atomic_file` or :func:`atomic_dir` (appends: :func:`on_full_disk`),
+so a full disk or quota, however the library writing met it, ends a job with one line naming the file,
+the space free there and the space needed (:class:`DiskFull`).
+
 Everything published here gets the permissions of an ordinary file or folder under the process's umask
 (``mkstemp``/``mkdtemp`` and safetensors create owner-only files; run folders are shared by teams).
 """

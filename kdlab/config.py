@@ -27,6 +27,8 @@ def plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Range:
+    """A finite number (an integer with ``integer=True``) within ``[low, high]`` (open ends with ``low_open`` /
+    ``high_open``; no bound where None); ``optional=True`` also allows None."""
     low: float | None = None
     high: float | None = None
     integer: bool = False
