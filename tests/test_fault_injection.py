@@ -198,6 +198,42 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_finishes(tmp_path
         assert all_finite(run_dir / "student" / "model.safetensors") and (run_dir / "results.md").read_text()
 
 
+@pytest.mark.parametrize("failure", ["torch.save", "safetensors", "quota", "unrelated"])
+def test_a_full_disk_however_a_library_reports_it_is_one_diskfull(tmp_path, monkeypatch, failure):
+    """Without root (no tmpfs): the errors the libraries raise on a full disk, injected where they raise them."""
+    import errno
+
+    from kdlab import checkpoint
+
+    def torch_save(obj, f):   # what torch.save does with a file object on a full disk
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def save_file(tensors, path):
+        message = {"safetensors": "No space left on device (os error 28)", "quota": "Disk quota exceeded (os error 122)",
+                   "unrelated": "shape mismatch"}[failure]
+        raise RuntimeError(f"Error while serializing: I/O error: {message}")
+
+    if failure == "torch.save":
+        monkeypatch.setattr(checkpoint.torch, "save", torch_save)
+    else:
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
+    params = {"student": [torch.zeros(1000)]}
+    if failure == "unrelated":   # a roomy disk: the library's own error stays
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            checkpoint.save_checkpoint(tmp_path, 3, params, {"step": 3})
+    else:
+        with pytest.raises(checkpoint.DiskFull) as caught:
+            checkpoint.save_checkpoint(tmp_path, 3, params, {"step": 3})
+        line = str(caught.value)
+        assert f"writing {tmp_path / 'step-0000003'} (" in line and "\n" not in line, line
+        assert ("Disk quota exceeded" if failure == "quota" else "No space left on device") in line
+        assert caught.value.needed >= 4000 and "run the same command again" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a failed write left something"
+
+
 # -- a kill while a store publishes ----------------------------------------------------------------------
 
 KILL_AT_PUBLISH = """
