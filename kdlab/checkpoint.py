@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import random
@@ -67,6 +68,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+WRITER_LOCK = ".writer.lock"   # in an atomic_dir temporary while its writer lives
 FULL_BELOW = 1 << 20   # bytes free under which a write that failed in a library's own way met a full disk
 
 
@@ -217,15 +219,22 @@ def atomic_dir(target: Path, needed: int = 0):
     The old folder is moved aside before the new one is renamed in, so at every moment either the
     old or the new complete folder exists (``recover_dir`` restores the old one after a crash). A full
     disk is a :class:`DiskFull` naming ``target`` and the space needed: ``needed`` (the caller's estimate)
-    or else the size of the folder it replaces.
+    or else the size of the folder it replaces. While the block runs, the temporary holds
+    :data:`WRITER_LOCK`, locked: a temporary whose lock nobody holds is a killed writer's
+    (:func:`kdlab.runlock.remove_stale_temporaries`).
     """
     target = Path(target)
     needed = needed or _size(target)
     with on_full_disk(target, needed):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    with on_full_disk(target, needed, temporary=tmp):
+    with contextlib.ExitStack() as held, on_full_disk(target, needed, temporary=tmp):
+        writer = held.enter_context(open(tmp / f"{WRITER_LOCK}.new", "a"))
+        with contextlib.suppress(OSError):   # a file system without flock: the temporary counts as live
+            fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp / f"{WRITER_LOCK}.new", tmp / WRITER_LOCK)   # appears locked, never unlocked
         yield tmp
+        (tmp / WRITER_LOCK).unlink()   # not published; held until closed
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync_file(path)

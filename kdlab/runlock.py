@@ -1,7 +1,6 @@
 """One job per run folder: an exclusive ``flock`` on ``<run folder>/.lock``, and the leftovers of killed
-jobs removed once it is held. The stores shared by jobs (fine-tuned teachers, teacher caches) lock each
-entry the same way while writing it (:func:`hold_entry`) and remove the leftovers of killed writers of any
-entry that no live job holds (:func:`remove_stale_temporaries`).
+jobs removed once it is held. The stores shared by jobs (fine-tuned teachers, teacher caches) have no
+lock of their own: they remove the temporaries of writers that are dead (:func:`remove_stale_temporaries`).
 
 The lock is an advisory ``fcntl.flock`` held for the whole job by its main process (global rank 0 of a
 distributed job: the other ranks of the same job must not be refused by it). The kernel drops it when
@@ -21,7 +20,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from kdlab.checkpoint import recover_dir
+from kdlab.checkpoint import WRITER_LOCK, recover_dir
 from kdlab.config import ConfigError
 
 LOCK_NAME = ".lock"
@@ -87,68 +86,44 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     removed = []
     for sub in TEMP_FOLDERS:
         folder = Path(run_dir) / sub
-        if folder.is_dir():
-            removed += [path for path in [*folder.glob(".*.tmp"), *folder.glob(".*.old")] if _settle(path)]
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+        for old in folder.glob(".*.old"):
+            target = old.with_name(old.name[1:-len(".old")])
+            recover_dir(target)
+            if old.exists():
+                shutil.rmtree(old)
+                removed.append(old)
     return removed
 
 
-def _settle(leftover: Path) -> bool:
-    """Remove a killed write's ``.<name>.*.tmp``, or settle its ``.<name>.old`` (renamed back when ``<name>`` is
-    missing, else removed); whether something was removed."""
-    if leftover.name.endswith(".old"):
-        recover_dir(leftover.with_name(leftover.name[1:-len(".old")]))
-    if not leftover.exists() and not leftover.is_symlink():
-        return False
-    shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
-    return True
-
-
-def _entry_name(leftover: Path) -> str:
-    """``<name>`` of a store entry's leftover: ``.<name>.<random>.tmp`` (``tempfile``'s random part has no dot) or
-    ``.<name>.old``."""
-    if leftover.name.endswith(".old"):
-        return leftover.name[1:-len(".old")]
-    return leftover.name[1:].rsplit(".", 2)[0]
-
-
-@contextlib.contextmanager
-def hold_entry(root: Path, name: str, doing: str):
-    """Hold ``<root>/<name>.lock`` for the block: the right to write the store entry ``<root>/<name>``. Another
-    job holding it is waited for (one line says so; it may publish the entry meanwhile, so check again inside
-    the block). Once held, the store's stale temporaries are removed, this entry's included."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = root / f"{name}.lock"
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"kdlab: waiting for {lock} (another job is {doing})", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            remove_stale_temporaries(root, held=name)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def remove_stale_temporaries(root: Path, held: str | None = None) -> list[Path]:
-    """Remove what killed writers left in the store ``root`` (a kill while publishing leaves a full copy:
-    gigabytes for a large teacher): each ``.<name>.*.tmp`` and ``.<name>.old`` whose ``<name>.lock`` exists
-    (a kdlab entry: the lock is taken before anything of it is written) and is free, held by no live job,
-    or is ``held`` by this one. Files that no lock marks are not kdlab's and are left alone."""
-    root = Path(root)
+def remove_stale_temporaries(store: Path) -> list[Path]:
+    """Remove what killed writers left in ``store``, a folder of entries shared by jobs (fine-tuned teachers,
+    teacher caches): a kill while an entry is published leaves its ``.<name>.*.tmp``, a full copy
+    (gigabytes for a large teacher), and a kill between ``atomic_dir``'s two renames a ``.<name>.old``
+    beside the new ``<name>``. A temporary is removed when its :data:`~kdlab.checkpoint.WRITER_LOCK` is
+    there and no live process holds it; one without that file is not a kdlab writer's (or is being
+    renamed) and is left alone, as is a ``.<name>.old`` without ``<name>`` (the entry's owner restores it)."""
     removed = []
-    for leftover in sorted([*root.glob(".*.tmp"), *root.glob(".*.old")]):
-        name = _entry_name(leftover)
-        lock = root / f"{name}.lock"
-        if name == held:
-            removed += [leftover] if _settle(leftover) else []
+    for leftover in sorted(Path(store).glob(".*.tmp")):
+        try:
+            fd = os.open(leftover / WRITER_LOCK, os.O_WRONLY | os.O_APPEND)   # never created here
+        except OSError:
             continue
-        with contextlib.suppress(OSError), open(lock, "r") as f:   # no lock file: not a kdlab entry
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:   # a live job is writing this entry: the temporary is its work in progress
-                continue
-            removed += [leftover] if _settle(leftover) else []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:   # a live writer's (or no flock here)
+            continue
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+        finally:
+            os.close(fd)
+    for old in sorted(Path(store).glob(".*.old")):
+        if old.with_name(old.name[1:-len(".old")]).exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
     return removed

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, kdlab_env, run_kdlab
 from kdlab import cli, runlock
+from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, Range
 
 SMOKE = ("+experiment=smoke", "method=kd")
@@ -279,23 +280,36 @@ def test_a_fine_tuned_teacher_killed_while_published_is_removed_by_the_next_job(
     assert not list(teachers.glob(".*.tmp")) and len(list(teachers.glob("*/finetune.json"))) == 1
 
 
-def test_stale_temporaries_go_but_not_a_live_writers_nor_files_kdlab_did_not_write(tmp_path):
+WRITE_FOREVER = """
+import sys, time
+from pathlib import Path
+from kdlab.checkpoint import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    print(tmp, flush=True)
+    time.sleep(300)
+"""
+
+
+def test_stale_temporaries_go_but_not_a_live_writers_nor_another_programs(tmp_path):
     store = tmp_path
-    for name in ("busy", "dead", "gone", "mine"):
-        (store / f"{name}.lock").touch()
-        (store / f".{name}.a1b2c3d4.tmp").mkdir()
-    (store / ".gone.old").mkdir()   # a replace killed between its two renames: restored
-    (store / ".theirs.x9.tmp").write_text("")   # no lock file: not a kdlab store entry
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(300)",
-                               str(store / "busy.lock")], stdout=subprocess.PIPE, text=True)
+    with atomic_dir(store / "published") as tmp:   # what is published holds no writer lock
+        (tmp / "weights").write_text("w")
+    assert [p.name for p in (store / "published").iterdir()] == ["weights"]
+    live, dead = (subprocess.Popen([sys.executable, "-c", WRITE_FOREVER, str(store / name)], cwd=ROOT, env=kdlab_env(),
+                                   stdout=subprocess.PIPE, text=True) for name in ("busy", "dead"))
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with runlock.hold_entry(store, "mine", "testing"):   # its own entry's leftovers are stale too
-            left = sorted(p.name for p in store.iterdir() if p.name.startswith("."))
-            assert left == [".busy.a1b2c3d4.tmp", ".theirs.x9.tmp"] and (store / "gone").is_dir()
+        busy_tmp, dead_tmp = (Path(proc.stdout.readline().strip()) for proc in (live, dead))
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        (store / ".theirs.a1b2c3d4.tmp").mkdir()   # no writer lock: another program's, left alone
+        (store / "done").mkdir()
+        (store / ".done.old").mkdir()              # a kill between atomic_dir's renames: the new one is there
+        (store / ".restored.old").mkdir()          # the new one missing: its owner renames it back (recover_dir)
+        removed = runlock.remove_stale_temporaries(store)
+        assert sorted(p.name for p in removed) == sorted([dead_tmp.name, ".done.old"])
+        assert busy_tmp.is_dir() and (store / ".theirs.a1b2c3d4.tmp").is_dir() and (store / ".restored.old").is_dir()
     finally:
-        holder.kill()
-        holder.wait()
-    assert [p.name for p in runlock.remove_stale_temporaries(store)] == [".busy.a1b2c3d4.tmp"]
-    assert (store / ".theirs.x9.tmp").exists()
+        for proc in (live, dead):
+            proc.kill()
+            proc.wait()
+    assert [p.name for p in runlock.remove_stale_temporaries(store)] == [busy_tmp.name]   # its writer is dead now

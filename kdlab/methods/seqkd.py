@@ -109,8 +109,8 @@ class SeqKD(MLE):
 
     def write_cache(self, folder: Path, responses: dict) -> None:
         tok = self.ctx.tokenizer
-        with runlock.hold_entry(folder.parent, folder.name, f"writing the teacher's responses {folder.name}"), \
-                atomic_dir(folder) as tmp:
+        runlock.remove_stale_temporaries(folder.parent)   # what killed writes of this store left
+        with atomic_dir(folder) as tmp:
             (tmp / "responses.jsonl").write_text("".join(
                 json.dumps({"prompt_ids": list(p), "response_ids": r, "response": tok.decode(r)}) + "\n"
                 for p, r in responses.items()))

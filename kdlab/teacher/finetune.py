@@ -20,10 +20,11 @@ A fine-tuned teacher is computed once and shared, under ``<output_dir>/teachers/
   ``finetune.json`` written last: a folder without it is never used.
 - ``<key>.work/``: a fine-tuning in progress, with the trainer's resumable checkpoints; a killed job
   resumes from it (bitwise on CPU) and it is removed once the teacher is published.
-- ``<key>.lock``: held (``fcntl.flock``, :func:`kdlab.runlock.hold_entry`) by the job fine-tuning;
-  concurrent jobs of a sweep block on it and then load the published teacher instead of training it
-  again. A kill while publishing leaves ``.<key>.*.tmp``, a full copy of the teacher: every job that
-  opens the store removes those of entries no live job holds (:func:`kdlab.runlock.remove_stale_temporaries`).
+- ``<key>.lock``: held (``fcntl.flock``) by the job fine-tuning; concurrent jobs of a sweep block on it
+  and then load the published teacher instead of training it again.
+
+A kill while a teacher is published leaves ``.<key>.*.tmp``, a full copy of it: every job that opens the
+store removes those no live job is writing (:func:`kdlab.runlock.remove_stale_temporaries`).
 
 The key (:func:`key_components`) covers the teacher section, the completed fine-tuning settings but
 ``save_every`` (checkpointing does not change the result), the training examples' token ids (so the
@@ -34,6 +35,7 @@ a sweep reuses one teacher.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import random
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 
 from kdlab import runlock
-from kdlab.checkpoint import atomic_dir, read_json
+from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
 from kdlab.modeling import lora_targets
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
@@ -130,6 +132,21 @@ def _preserved_rng():
     random.setstate(state)
 
 
+@contextlib.contextmanager
+def _locked(path: Path, what: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kdlab: waiting for {path} (another job is fine-tuning {what})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     """Fine-tune ``teacher`` in ``work`` (resuming its checkpoint) with the SFT method; return the model."""
     from omegaconf import OmegaConf
@@ -197,7 +214,8 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                 raise ConfigError(f"teacher.finetune: {folder} is not built yet and fine-tuning runs in one "
                                   f"process; run this job once without hardware={runtime.strategy} (same "
                                   f"output_dir) to build it, then launch the distributed job, which loads it")
-            with runlock.hold_entry(root, key, f"fine-tuning teacher {cfg.teacher.name}"):
+            with _locked(root / f"{key}.lock", f"teacher {cfg.teacher.name}"):
+                recover_dir(folder)
                 if not (folder / COMPLETE).exists():
                     print(f"kdlab: fine-tuning teacher {cfg.teacher.name} on {len(train_items)} training examples "
                           f"-> {folder}", flush=True)

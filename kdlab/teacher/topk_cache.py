@@ -19,8 +19,8 @@ A cache folder ``<cache.out>/<teacher>-<dataset>-k<k>-<hash>`` holds:
   training examples' tokens, k, dtype, counts. The folder name's hash covers the components, k and dtype.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves a
-partial cache that looks complete; the builder holds ``<folder>.lock`` meanwhile, and removes the
-temporaries that killed builds of any cache there left (:func:`kdlab.runlock.hold_entry`). A run checks the manifest against its own config and examples and
+partial cache that looks complete; a build first removes the temporaries that killed builds left beside
+it (:func:`kdlab.runlock.remove_stale_temporaries`). A run checks the manifest against its own config and examples and
 names the first mismatch.
 """
 from __future__ import annotations
@@ -129,8 +129,8 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
     order = sorted(unique, key=lambda k: len(unique[k].prompt_ids) + len(unique[k].response_ids))
     index, total = {}, 0
     folder = Path(folder)
-    with runlock.hold_entry(folder.parent, folder.name, f"building the teacher cache {folder.name}"), \
-            atomic_dir(folder) as tmp:
+    runlock.remove_stale_temporaries(folder.parent)
+    with atomic_dir(folder) as tmp:
         writer = _ShardWriter(tmp, shard_rows, np.dtype(dtype))
         for start in tqdm(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
             keys = order[start: start + batch_size]
