@@ -219,9 +219,10 @@ def atomic_dir(target: Path, needed: int = 0):
     The old folder is moved aside before the new one is renamed in, so at every moment either the
     old or the new complete folder exists (``recover_dir`` restores the old one after a crash). A full
     disk is a :class:`DiskFull` naming ``target`` and the space needed: ``needed`` (the caller's estimate)
-    or else the size of the folder it replaces. While the block runs, the temporary holds
+    or else the size of the folder it replaces. Until the old folder is removed, the temporary holds
     :data:`WRITER_LOCK`, locked: a temporary whose lock nobody holds is a killed writer's
-    (:func:`kdlab.runlock.remove_stale_temporaries`).
+    (:func:`kdlab.runlock.remove_stale_temporaries`); a kill after the rename leaves that empty file in
+    ``target``, harmless.
     """
     target = Path(target)
     needed = needed or _size(target)
@@ -234,18 +235,18 @@ def atomic_dir(target: Path, needed: int = 0):
             fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(tmp / f"{WRITER_LOCK}.new", tmp / WRITER_LOCK)   # appears locked, never unlocked
         yield tmp
-        (tmp / WRITER_LOCK).unlink()   # not published; held until closed
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync_file(path)
         publish_mode(tmp)
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)   # the lock travels with the folder: held until the old one is gone
+        _fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        (target / WRITER_LOCK).unlink()
 
 
 def recover_dir(target: Path) -> None:

@@ -103,27 +103,30 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 def remove_stale_temporaries(store: Path) -> list[Path]:
     """Remove what killed writers left in ``store``, a folder of entries shared by jobs (fine-tuned teachers,
     teacher caches): a kill while an entry is published leaves its ``.<name>.*.tmp``, a full copy
-    (gigabytes for a large teacher), and a kill between ``atomic_dir``'s two renames a ``.<name>.old``
-    beside the new ``<name>``. A temporary is removed when its :data:`~kdlab.checkpoint.WRITER_LOCK` is
-    there and no live process holds it; one without that file is not a kdlab writer's (or is being
-    renamed) and is left alone, as is a ``.<name>.old`` without ``<name>`` (the entry's owner restores it)."""
-    removed = []
-    for leftover in sorted(Path(store).glob(".*.tmp")):
+    (gigabytes for a large teacher), and a kill between ``atomic_dir``'s renames a ``.<name>.old``.
+    A temporary is removed when its :data:`~kdlab.checkpoint.WRITER_LOCK` is there and no live process holds
+    it; one without that file is not a kdlab writer's and is left alone. A ``.<name>.old`` is removed when
+    ``<name>`` is there, and renamed back when it is not and no live writer is replacing it."""
+    store, removed, writing = Path(store), [], set()
+    for leftover in sorted(store.glob(".*.tmp")):
         try:
             fd = os.open(leftover / WRITER_LOCK, os.O_WRONLY | os.O_APPEND)   # never created here
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:   # a live writer's (or no flock here)
-            continue
+        except OSError:   # a live writer's (or no flock on this file system: taken as live)
+            writing.add(leftover.name[1:].rsplit(".", 2)[0])   # .<name>.<random, no dot>.tmp
         else:
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
         finally:
             os.close(fd)
-    for old in sorted(Path(store).glob(".*.old")):
-        if old.with_name(old.name[1:-len(".old")]).exists():
+    for old in sorted(store.glob(".*.old")):
+        name = old.name[1:-len(".old")]
+        if (store / name).exists():
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
+        elif name not in writing:
+            recover_dir(store / name)
     return removed

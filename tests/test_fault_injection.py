@@ -304,10 +304,12 @@ def test_stale_temporaries_go_but_not_a_live_writers_nor_another_programs(tmp_pa
         (store / ".theirs.a1b2c3d4.tmp").mkdir()   # no writer lock: another program's, left alone
         (store / "done").mkdir()
         (store / ".done.old").mkdir()              # a kill between atomic_dir's renames: the new one is there
-        (store / ".restored.old").mkdir()          # the new one missing: its owner renames it back (recover_dir)
+        (store / ".restored.old").mkdir()          # the new one missing, no writer: the old one is renamed back
+        (store / ".busy.old").mkdir()              # the new one missing while its writer lives: its business
         removed = runlock.remove_stale_temporaries(store)
         assert sorted(p.name for p in removed) == sorted([dead_tmp.name, ".done.old"])
-        assert busy_tmp.is_dir() and (store / ".theirs.a1b2c3d4.tmp").is_dir() and (store / ".restored.old").is_dir()
+        assert busy_tmp.is_dir() and (store / ".theirs.a1b2c3d4.tmp").is_dir() and (store / ".busy.old").is_dir()
+        assert (store / "restored").is_dir() and not (store / ".restored.old").exists()
     finally:
         for proc in (live, dead):
             proc.kill()
