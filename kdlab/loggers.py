@@ -235,7 +235,7 @@ class Logger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         metrics = {k: _plain(v) for k, v in metrics.items()}
         for sink in self.sinks:
-            with on_full_disk(getattr(sink, "path", Path(".wandb"))):   # W&B's files: its own process writes them
+            with on_full_disk(getattr(sink, "path", "the W&B run")):   # W&B's own process writes its files
                 sink.log(metrics, step)
 
     def summary(self, metrics: dict) -> None:

@@ -2,11 +2,11 @@
 
 Whatever ``hardware.strategy``, an optimizer offers what :class:`kdlab.distributed.ZeroStudent` does, so
 the loop never asks which one it has: ``backward(loss)`` per micro-batch, ``step()`` per optimizer step
-(the gradient norm, or ``None`` when nothing computed it; :class:`NonFiniteGradient`, nothing applied, when
-it is not finite), ``save(folder, tag)`` (what the trainer's
-checkpoint keeps for it; ``None`` when it wrote its own files under ``folder/tag``, as ZeRO's sharded
-states are), ``load(folder, tag, saved)``, and ``checkpoint_params`` (the parameters the trainer's
-checkpoint holds). :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
+(the gradient norm, or ``None`` when nothing computed it; :class:`ReplicatedAdamW` raises
+:class:`NonFiniteGradient` and applies nothing when it is not finite), ``save(folder, tag)`` (what the
+trainer's checkpoint keeps for it; ``None`` when it wrote its own files under ``folder/tag``, as ZeRO's
+sharded states are), ``load(folder, tag, saved)``, and ``checkpoint_params`` (the parameters the
+trainer's checkpoint holds). :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
 """
 from __future__ import annotations
 

@@ -129,8 +129,8 @@ class Trainer:
         self.phase.method.load_state_dict(state["method"])
 
     def diverged(self, step: int, logs: dict) -> TrainingDiverged:
-        """Raised before the optimizer applies the step: the weights, and every checkpoint and student
-        written, are from before it; the rerun would meet the same step again (training is reproducible)."""
+        """The error for ``step``, raised before the optimizer applies it: the weights, and every checkpoint and
+        student written, are from before it; the rerun would meet the same step again (training is reproducible)."""
         terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
         last = (self.ckpt_dir / "LAST").read_text().strip() if (self.ckpt_dir / "LAST").exists() else "none"
         return TrainingDiverged(f"training diverged at step {step}, a loss term or gradient is not finite ({terms}); "

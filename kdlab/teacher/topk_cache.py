@@ -20,8 +20,8 @@ A cache folder ``<cache.out>/<teacher>-<dataset>-k<k>-<hash>`` holds:
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves a
 partial cache that looks complete; a build first removes the temporaries that killed builds left beside
-it (:func:`kdlab.runlock.remove_stale_temporaries`). A run checks the manifest against its own config and examples and
-names the first mismatch.
+it (:func:`kdlab.runlock.remove_stale_temporaries`). A run checks the manifest against its own config and
+examples and names the first mismatch.
 """
 from __future__ import annotations
 
