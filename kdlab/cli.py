@@ -10,7 +10,6 @@ same-config check, the finished-job check) and its results are written with :fun
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import sys
@@ -20,10 +19,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kdlab import runlock
-from kdlab.checkpoint import atomic_write_json, atomic_write_text, read_json
+from kdlab.checkpoint import DISK_FULL, DiskFull, atomic_write_json, atomic_write_text, read_json
 from kdlab.config import ConfigError
 from kdlab.modeling import ModelUnavailable
 from kdlab.preemption import Stopped
+from kdlab.trainer import TrainingDiverged
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REQUIRED_GROUPS = ("teacher", "student", "method", "divergence", "dataset", "hardware", "logger")
@@ -73,30 +73,50 @@ def validate_config(cfg) -> None:
                           f"top-k teacher does not have; set teacher.cache=null or pick another divergence")
 
 
+# what is in a run folder before kdlab writes any output: Hydra's config and log, the lock, kdlab's config
+NOT_OUTPUTS = (".hydra", runlock.LOCK_NAME, "config.yaml")
+
+
 def check_same_job(cfg, run_dir: Path) -> None:
-    """Refuse to resume a folder whose job had a different config and made progress (its checkpoint and
-    cached evaluations would be silently mixed into this one); a job that stopped before any progress
-    (a missing model, say) is simply started again with the new config."""
+    """Refuse a folder that holds any output of a job with a different config (a checkpoint, ``eval/``,
+    ``student_best/``, metrics...: they belong to the config in the folder, and would be mixed into this
+    job's results, or reported as its student); a job that stopped before writing any output (a missing
+    model, say) is simply started again with the new config. Call after removing leftovers: a killed
+    write's temporary is not an output."""
     saved = run_dir / "config.yaml"
     current = OmegaConf.to_yaml(cfg, resolve=True)
-    progress = [run_dir / "checkpoints" / "LAST", run_dir / "eval", run_dir / "results.json"]
-    if saved.exists() and saved.read_text() != current and any(p.exists() for p in progress):
-        raise ConfigError(f"{run_dir} holds a job with a different config; delete that folder or pass "
-                          f"hydra.run.dir=<another folder> (output_dir=<folder> for a new tree)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    outputs = sorted(p.name for p in run_dir.iterdir() if p.name not in NOT_OUTPUTS and not p.name.endswith(".log"))
+    if outputs and (not saved.exists() or saved.read_text() != current):
+        held = "a job with a different config" if saved.exists() else "outputs of a job whose config.yaml is missing"
+        raise ConfigError(f"{run_dir} holds {held} ({', '.join(outputs[:4])}{', ...' if len(outputs) > 4 else ''}); "
+                          f"delete that folder or pass hydra.run.dir=<another folder> (output_dir=<folder> for a "
+                          f"new tree)")
     atomic_write_text(saved, current)
 
 
-def finished_results(run_dir: Path) -> dict | None:
-    """The results of a job that completed in ``run_dir`` (said on the console, table included), else None."""
+def finished_results(run_dir: Path, repair: bool = True) -> dict | None:
+    """The results of a job that completed in ``run_dir`` (said on the console, table included), else None.
+    With ``repair``, a ``results.md`` missing or empty (a full disk or a kill after ``results.json``) is
+    written again from ``results.json``."""
     from kdlab.metrics.evaluate import results_table
 
     path = run_dir / "results.json"
     results = read_json(path) if path.exists() else None
     if results is None or results["run"].get("status") != "completed":
         return None
+    derived = run_dir / "results.md"
+    if repair and (not derived.exists() or not derived.read_text().strip()):
+        atomic_write_text(derived, results_tables(results) + "\n")
     print(f"kdlab: {run_dir} is already complete (delete it to run again)\n{results_table(results['eval'])}")
     return results
+
+
+def results_tables(results: dict) -> str:
+    """``results.md``: the results table and, where measured, the analysis table."""
+    from kdlab.metrics.evaluate import analysis_table, results_table
+
+    return "\n\n".join(t for t in (results_table(results["eval"]), analysis_table(results["eval"])) if t)
 
 
 @contextmanager
@@ -116,7 +136,7 @@ def open_run_folder(cfg):
             # leftovers, would be deleted as one, and that rank would crash on its rename
             runlock.remove_leftovers(run_dir)
             check_same_job(cfg, run_dir)
-        yield run_dir, finished_results(run_dir)
+        yield run_dir, finished_results(run_dir, repair=main_process)
 
 
 def override_dirname() -> str:
@@ -130,12 +150,11 @@ def override_dirname() -> str:
 def write_results(cfg, run_dir: Path, results: dict, logger) -> None:
     """``results.json`` (atomically), the W&B/CSV summary, ``results.md`` and the tables on the console."""
     from kdlab.loggers import flatten
-    from kdlab.metrics.evaluate import analysis_table, results_table
 
     atomic_write_json(run_dir / "results.json", results)
     logger.summary(flatten({"eval": results["eval"]}))
-    tables = "\n\n".join(t for t in (results_table(results["eval"]), analysis_table(results["eval"])) if t)
-    (run_dir / "results.md").write_text(tables + "\n")
+    tables = results_tables(results)
+    atomic_write_text(run_dir / "results.md", tables + "\n")
     print(f"\nkdlab: results in {run_dir}\n{tables}")
 
 
@@ -164,7 +183,7 @@ def refuse_null_groups(argv: list[str]) -> None:
 
 def main(job, config_name: str) -> None:
     """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere; a bad
-    config, an unavailable model, a busy run folder or a full disk end the process with one line and exit
+    config, an unavailable model, a busy run folder, a diverged training or a full disk end the process with one line and exit
     status 2, a stop on SIGTERM/SIGUSR1/SIGUSR2 (checkpoint written) with 128 + the signal's number, and
     Ctrl-C with one line and 130."""
     import hydra
@@ -174,7 +193,7 @@ def main(job, config_name: str) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
         try:
             job(cfg)
-        except (ConfigError, ModelUnavailable) as err:
+        except (ConfigError, ModelUnavailable, TrainingDiverged) as err:
             print(f"kdlab: error: {err}", file=sys.stderr)
             sys.exit(2)
         except Stopped as stop:
@@ -185,11 +204,11 @@ def main(job, config_name: str) -> None:
             print("kdlab: interrupted (Ctrl-C); run the same command again to resume from the last checkpoint",
                   file=sys.stderr)
             sys.exit(130)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as err:   # DiskFull from kdlab's writes; a bare ENOSPC from a library's own (Hydra's log)
+            if err.errno not in DISK_FULL:
                 raise
-            print(f"kdlab: error: {err.strerror} writing {err.filename or 'a file'}; the files written before "
-                  f"are intact: free space and run the same command again to resume", file=sys.stderr)
+            print(f"kdlab: error: {err if isinstance(err, DiskFull) else DiskFull(err.errno, err.filename or '?')}",
+                  file=sys.stderr)
             sys.exit(2)
 
     multirun_flag_first()

@@ -6,6 +6,7 @@ that names the bad value and how to fix it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,8 @@ def plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Range:
+    """A finite number (an integer with ``integer=True``) within ``[low, high]`` (open ends with ``low_open`` /
+    ``high_open``; no bound where None); ``optional=True`` also allows None."""
     low: float | None = None
     high: float | None = None
     integer: bool = False
@@ -41,6 +44,8 @@ class Range:
             self.integer and not isinstance(value, int)
         ):
             raise ConfigError(f"{key}={value!r} is not {kind}; set {key} to {kind} in {self.describe()}")
+        if not math.isfinite(value):   # NaN compares false with every bound, and no setting means infinity
+            raise ConfigError(f"{key}={value} is not a finite number; set {key} to {kind} in {self.describe()}")
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:

@@ -178,6 +178,15 @@ def reduce_logs(logs: dict[str, float], sums: tuple[str, ...] = ()) -> dict[str,
     return {k: out[k] for k in sorted(out)}
 
 
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank (the same answer on every rank)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
     if not is_distributed():

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab import network
-from kdlab.checkpoint import atomic_write_text
+from kdlab.checkpoint import atomic_write_text, on_full_disk
 from kdlab.config import ConfigError, OneOf, Type, check_section
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class WandbSink:
         job_type = lcfg.get("job_type") or "train"
         id_file = run_dir / f"wandb_id.{job_type}"  # an eval job in a train dir gets its own run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
         wandb_dir = Path(lcfg.get("dir") or os.environ.get("WANDB_DIR") or run_dir)   # W&B's own variable, then the run
         wandb_dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(
@@ -235,7 +235,8 @@ class Logger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         metrics = {k: _plain(v) for k, v in metrics.items()}
         for sink in self.sinks:
-            sink.log(metrics, step)
+            with on_full_disk(getattr(sink, "path", "the W&B run")):   # W&B's own process writes its files
+                sink.log(metrics, step)
 
     def summary(self, metrics: dict) -> None:
         flat = {k: _plain(v) for k, v in flatten(metrics).items()}

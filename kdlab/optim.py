@@ -2,12 +2,15 @@
 
 Whatever ``hardware.strategy``, an optimizer offers what :class:`kdlab.distributed.ZeroStudent` does, so
 the loop never asks which one it has: ``backward(loss)`` per micro-batch, ``step()`` per optimizer step
-(the gradient norm, or ``None`` when nothing computed it), ``save(folder, tag)`` (what the trainer's
-checkpoint keeps for it; ``None`` when it wrote its own files under ``folder/tag``, as ZeRO's sharded
-states are), ``load(folder, tag, saved)``, and ``checkpoint_params`` (the parameters the trainer's
-checkpoint holds). :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
+(the gradient norm, or ``None`` when nothing computed it; :class:`ReplicatedAdamW` raises
+:class:`NonFiniteGradient` and applies nothing when it is not finite), ``save(folder, tag)`` (what the
+trainer's checkpoint keeps for it; ``None`` when it wrote its own files under ``folder/tag``, as ZeRO's
+sharded states are), ``load(folder, tag, saved)``, and ``checkpoint_params`` (the parameters the
+trainer's checkpoint holds). :class:`ReplicatedAdamW` is every group outside ZeRO (one process or DDP).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,6 +38,14 @@ def lr_lambda(total: int, warmup: int, schedule: str):
     return factor
 
 
+class NonFiniteGradient(ArithmeticError):
+    """A parameter group's gradient norm is NaN or infinite (``norm``); its step was not applied."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"gradient norm {norm}")
+        self.norm = norm
+
+
 class ReplicatedAdamW:
     """A parameter group on :func:`make_optimizer`'s AdamW, replicated on every rank: after backward the
     gradients are averaged over ranks (the mean of the ranks' micro-batch gradients is one process's
@@ -49,11 +60,17 @@ class ReplicatedAdamW:
         (loss / self.grad_accum).backward()
 
     def step(self) -> float | None:
+        """Apply the step; the gradient norm when clipping. Raises :class:`NonFiniteGradient` (and applies
+        nothing) when a gradient holds NaN or infinity: the weights would be poisoned for good."""
         distributed.average_gradients(self.params)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)) if self.grad_clip else None
+        # without clipping, max_norm=inf measures the norm and scales by exactly 1 (the same gradients)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or math.inf))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradient(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm if self.grad_clip else None
 
     def save(self, folder, tag: str) -> dict:
         """Its state, kept in the trainer's checkpoint (``folder`` and ``tag`` are ZeRO's)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from kdlab.checkpoint import DiskFull, atomic_file, atomic_write_text
 from kdlab.config import ConfigError
 from kdlab.divergences import is_cross_tokenizer
 from kdlab.methods import method_class
@@ -435,7 +437,7 @@ def plot_curves(rows: list[Row], key: str, title: str, out: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
+        save_figure(fig, out)
     plt.close(fig)
     return drawn
 
@@ -493,9 +495,14 @@ def plot_unc(rows: list[Row], dataset: str, title: str, out: Path) -> bool:
         return False
     import matplotlib.pyplot as plt
 
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out)
     plt.close(fig)
     return True
+
+
+def save_figure(fig, out: Path) -> None:
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=out.suffix[1:])
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -606,11 +613,12 @@ def build_report(folder: Path, out: Path, metric: str = "rougeL", baseline: str 
     md += _md_table(["run dir", *PROBLEM_FIELDS], body) if body else ["None."]
 
     text = "\n".join(md) + "\n"
-    (out / "report.md").write_text(text)
-    with open(out / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv_rows)
+    atomic_write_text(out / "report.md", text)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(out / "report.csv", table.getvalue())
     return text
 
 
@@ -639,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         print(build_report(args.folder, args.out or args.folder, args.metric, args.baseline, args.bootstrap), end="")
-    except ReportError as err:
+    except (ReportError, DiskFull) as err:
         print(f"kdlab: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,5 +1,6 @@
 """One job per run folder: an exclusive ``flock`` on ``<run folder>/.lock``, and the leftovers of killed
-jobs removed once it is held.
+jobs removed once it is held. The stores shared by jobs (fine-tuned teachers, teacher caches) have no
+lock of their own: they remove the temporaries of writers that are dead (:func:`remove_stale_temporaries`).
 
 The lock is an advisory ``fcntl.flock`` held for the whole job by its main process (global rank 0 of a
 distributed job: the other ranks of the same job must not be refused by it). The kernel drops it when
@@ -19,7 +20,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from kdlab.checkpoint import recover_dir
+from kdlab.checkpoint import WRITER_LOCK, recover_dir
 from kdlab.config import ConfigError
 
 LOCK_NAME = ".lock"
@@ -96,4 +97,36 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
             if old.exists():
                 shutil.rmtree(old)
                 removed.append(old)
+    return removed
+
+
+def remove_stale_temporaries(store: Path) -> list[Path]:
+    """Remove what killed writers left in ``store``, a folder of entries shared by jobs (fine-tuned teachers,
+    teacher caches): a kill while an entry is published leaves its ``.<name>.*.tmp``, a full copy
+    (gigabytes for a large teacher), and a kill between ``atomic_dir``'s renames a ``.<name>.old``.
+    A temporary is removed when its :data:`~kdlab.checkpoint.WRITER_LOCK` is there and no live process holds
+    it; one without that file is not a kdlab writer's and is left alone. A ``.<name>.old`` is removed when
+    ``<name>`` is there, and renamed back when it is not and no live writer is replacing it."""
+    store, removed, writing = Path(store), [], set()
+    for leftover in sorted(store.glob(".*.tmp")):
+        try:
+            fd = os.open(leftover / WRITER_LOCK, os.O_WRONLY | os.O_APPEND)   # never created here
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:   # a live writer's (or no flock on this file system: taken as live)
+            writing.add(leftover.name[1:].rsplit(".", 2)[0])   # .<name>.<random, no dot>.tmp
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+        finally:
+            os.close(fd)
+    for old in sorted(store.glob(".*.old")):
+        name = old.name[1:-len(".old")]
+        if (store / name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        elif name not in writing:
+            recover_dir(store / name)
     return removed

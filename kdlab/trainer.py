@@ -7,10 +7,13 @@ student is validated and the best one kept (``kdlab.validation``); every ``save_
 resumable checkpoint is written. Running the same job again in the same folder resumes from the newest
 checkpoint that loads and reproduces the uninterrupted run; the metrics logged after it (or all of them,
 when there is none) are dropped first, so no step is logged twice. SIGTERM, SIGUSR1 and SIGUSR2 end
-training at the next step boundary with a checkpoint of that step (``kdlab.preemption``).
+training at the next step boundary with a checkpoint of that step (``kdlab.preemption``). A step whose
+loss (or a term the method logs) or gradient is not finite ends training before its optimizer step, with
+nothing of it saved (:class:`TrainingDiverged`; gradients are checked outside ZeRO, see ``kdlab.optim``).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -50,6 +53,11 @@ def validate_train(cfg) -> None:
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}; "
                           f"make batch_size a multiple of grad_accum")
+
+
+class TrainingDiverged(Exception):
+    """A step's loss, a term of it or a gradient is NaN or infinite; the message is one line naming the step and
+    the terms."""
 
 
 class Trainer:
@@ -120,6 +128,15 @@ class Trainer:
         self.validation.load_state_dict(state)
         self.phase.method.load_state_dict(state["method"])
 
+    def diverged(self, step: int, logs: dict) -> TrainingDiverged:
+        """The error for ``step``, raised before the optimizer applies it: the weights, and every checkpoint and
+        student written, are from before it; the rerun would meet the same step again (training is reproducible)."""
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        last = (self.ckpt_dir / "LAST").read_text().strip() if (self.ckpt_dir / "LAST").exists() else "none"
+        return TrainingDiverged(f"training diverged at step {step}, a loss term or gradient is not finite ({terms}); "
+                                f"nothing of this step was saved (last checkpoint: {last}); lower the learning rate "
+                                f"or check the training data, then run in a new folder (hydra.run.dir=<folder>)")
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         if self.runtime.is_main:
@@ -169,9 +186,16 @@ class Trainer:
                 tokens += int(batch.attention_mask.sum())
                 for k, v in {"loss": out.loss.item(), **out.logs}.items():
                     logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
+            if distributed.any_rank(not all(math.isfinite(v) for v in logs.values()), self.runtime.device):
+                bar.close()
+                raise self.diverged(offset + step + 1, logs)
             position = (epoch, (micro_index + 1) // tc.grad_accum)
             for name, opt in self.optimizers.items():
-                norm = opt.step()
+                try:
+                    norm = opt.step()
+                except optim.NonFiniteGradient as err:
+                    bar.close()
+                    raise self.diverged(offset + step + 1, {**logs, f"grad_norm/{name}": err.norm}) from None
                 if norm is not None:
                     logs[f"grad_norm/{name}"] = norm
                 logs[f"lr/{name}"] = self.schedules[name].get_last_lr()[0]

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdlab import runlock
 from kdlab.alignment import token_bytes
 from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, Range, Type, check_section, plain
@@ -118,6 +119,7 @@ class SeqKD(MLE):
 
     def write_cache(self, folder: Path, responses: dict) -> None:
         tok = self.ctx.tokenizer
+        runlock.remove_stale_temporaries(folder.parent)   # what killed writes of this store left
         with atomic_dir(folder) as tmp:
             (tmp / "responses.jsonl").write_text("".join(
                 json.dumps({"prompt_ids": list(p), "response_ids": r, "response": tok.decode(r)}) + "\n"

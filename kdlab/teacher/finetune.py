@@ -25,6 +25,9 @@ A fine-tuned teacher is computed once and shared, under ``<output_dir>/teachers/
 - ``<key>.lock``: held (``fcntl.flock``) by the job fine-tuning; concurrent jobs of a sweep block on it
   and then load the published teacher instead of training it again.
 
+A kill while a teacher is published leaves ``.<key>.*.tmp``, a full copy of it: every job that opens the
+store removes those no live job is writing (:func:`kdlab.runlock.remove_stale_temporaries`).
+
 The key (:func:`key_components`) covers the teacher section, the completed fine-tuning settings but
 ``save_every`` (checkpointing does not change the result), the training examples' token ids (so the
 rows, the prompt template, truncation and the tokenizer), the template and the hardware dtype; not the
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
 from kdlab.modeling import lora_config
@@ -207,6 +211,8 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
     key = teacher_key(cfg, train_items)
     folder, work = root / key, root / f"{key}.work"
     with _preserved_rng():
+        if runtime.is_main:
+            runlock.remove_stale_temporaries(root)
         if not (folder / COMPLETE).exists():
             if runtime.world_size > 1:
                 raise ConfigError(f"teacher.finetune: {folder} is not built yet and fine-tuning runs in one "

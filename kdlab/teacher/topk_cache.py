@@ -19,8 +19,9 @@ A cache folder ``<cache.out>/<teacher>-<dataset>-k<k>-<hash>`` holds:
   training examples' tokens, k, dtype, counts. The folder name's hash covers the components, k and dtype.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves a
-partial cache that looks complete. A run checks the manifest against its own config and examples and
-names the first mismatch.
+partial cache that looks complete; a build first removes the temporaries that killed builds left beside
+it (:func:`kdlab.runlock.remove_stale_temporaries`). A run checks the manifest against its own config and
+examples and names the first mismatch.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json
 from kdlab.config import ConfigError, plain
 from kdlab.divergences import TopKLogProbs, topk_logprobs
@@ -127,6 +129,7 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
     order = sorted(unique, key=lambda k: len(unique[k].prompt_ids) + len(unique[k].response_ids))
     index, total = {}, 0
     folder = Path(folder)
+    runlock.remove_stale_temporaries(folder.parent)
     with atomic_dir(folder) as tmp:
         writer = _ShardWriter(tmp, shard_rows, np.dtype(dtype))
         for start in tqdm(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
