@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdlab import network
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section
+from kdlab.config import ConfigError, OneOf, Range, Type, check_name, check_section
 
 SOURCE_SCHEMA = {
     "path": Type(str, optional=True),
@@ -51,6 +51,7 @@ class ModelUnavailable(RuntimeError):
 
 def validate_source(role: str, cfg, schema: dict) -> None:
     """Check a teacher or student section against ``schema`` (a superset of :data:`SOURCE_SCHEMA`)."""
+    check_name(f"{role}.name", cfg.get("name"))
     check_section(role, cfg, schema)
     if cfg.get("random"):
         check_section(f"{role}.random", cfg.random, RANDOM_SCHEMA)

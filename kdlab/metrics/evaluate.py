@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kdlab.checkpoint import atomic_write_json, read_json
 from kdlab.config import ConfigError, Range, Type, check_section
 from kdlab.data import collate
 from kdlab.distributed import barrier
 from kdlab.generation import generate
+from kdlab.loggers import progress
 from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr, exaccerr_from_regrets, rouge_l,
                            token_stats)
 from kdlab.modeling import response_logits
@@ -112,7 +112,7 @@ def test_loss(model, encoded, tokenizer, batch_size: int, device, autocast) -> f
 def generate_texts(model, tokenizer, encoded, cfg, device, seed: int | None, desc: str) -> list[str]:
     texts = []
     parts = list(chunks(encoded, cfg.batch_size))
-    for i, part in enumerate(tqdm(parts, desc=desc, leave=False, dynamic_ncols=True)):
+    for i, part in enumerate(progress(parts, desc=desc, leave=False)):
         batch = collate(part, tokenizer.pad_token_id).to(device)
         out = generate(model, tokenizer, batch.prompt_ids, batch.prompt_mask, max_new_tokens=cfg.max_new_tokens,
                        do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under, plain
 from kdlab.modeling import lora_targets
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
@@ -201,7 +201,7 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                           "<output_dir>/teachers/<key> and teacher.finetune=null")
     root = Path(cfg.output_dir).expanduser() / "teachers"
     key = teacher_key(cfg, train_items)
-    folder, work = root / key, root / f"{key}.work"
+    folder, work = check_under(root, root / key, "teacher.finetune"), root / f"{key}.work"
     with _preserved_rng():
         if not (folder / COMPLETE).exists():
             if runtime.world_size > 1:

@@ -114,9 +114,8 @@ class _ShardWriter:
 def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, top_k: int, dtype: str = "float16",
                 batch_size: int = 8, shard_rows: int = 262_144, runtime=None, progress: bool = False) -> Path:
     """Run ``teacher`` over ``items`` (:class:`kdlab.data.Encoded`) and write a cache into ``folder``."""
-    from tqdm.auto import tqdm
-
     from kdlab.data import collate
+    from kdlab.loggers import progress as progress_bar
     from kdlab.modeling import response_logits
 
     vocab = len(tokenizer)
@@ -129,7 +128,7 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         writer = _ShardWriter(tmp, shard_rows, np.dtype(dtype))
-        for start in tqdm(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
+        for start in progress_bar(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
             keys = order[start: start + batch_size]
             batch = collate([unique[k] for k in keys], tokenizer.pad_token_id).to(device)
             with runtime.autocast() if runtime is not None else contextlib.nullcontext():
