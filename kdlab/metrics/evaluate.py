@@ -236,8 +236,24 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teache
     return result
 
 
+def check_generation_room(model, sets: dict, max_new_tokens: int, name: str) -> None:
+    """The longest prompt of ``sets`` (``{set name: [Encoded]}``) plus ``eval.max_new_tokens`` fits the
+    model's positions: GPT-2's learned position table otherwise fails mid-generation with an IndexError,
+    and a rotary model would generate past the length it was trained for."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    prompts = [(len(item.prompt_ids), data) for data, items in sets.items() for item in items or []]
+    if not limit or not prompts:
+        return
+    longest, data = max(prompts)
+    if longest + max_new_tokens > limit:
+        raise ConfigError(f"eval.max_new_tokens={max_new_tokens} does not fit the {name}: its longest {data} prompt "
+                          f"has {longest} tokens and the model {limit} positions; set eval.max_new_tokens to at most "
+                          f"{limit - longest}, or lower the dataset's max_prompt_length")
+
+
 def evaluate_sets(model, tokenizer, sets: dict, cfg, runtime, name: str, teacher=None) -> dict:
     """``{dataset: metrics}`` of ``model`` (a row named ``name``) on every encoded test set of ``sets``."""
+    check_generation_room(model, sets, cfg.max_new_tokens, name)
     return {data: evaluate(model, tokenizer, items, cfg, runtime, desc=f"{name}/{data}", teacher=teacher)
             for data, items in sets.items()}
 
