@@ -237,12 +237,13 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teache
 
 
 def check_generation_room(model, sets: dict, max_new_tokens: int, name: str) -> None:
-    """The longest prompt of ``sets`` (``{set name: [Encoded]}``) plus ``eval.max_new_tokens`` fits the
-    model's positions: GPT-2's learned position table otherwise fails mid-generation with an IndexError,
-    and a rotary model would generate past the length it was trained for."""
+    """The longest prompt of ``sets`` (``{set name: [Encoded]}``) plus ``eval.max_new_tokens`` fits a model
+    with a learned position table (GPT-2's ``wpe``: an embedding of ``max_position_embeddings`` rows), which
+    otherwise fails mid-generation with an IndexError. Rotary models have no such table and are not limited."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     prompts = [(len(item.prompt_ids), data) for data, items in sets.items() for item in items or []]
-    if not limit or not prompts:
+    if not limit or not prompts or not any(isinstance(module, torch.nn.Embedding) and module.num_embeddings == limit
+                                           for module in model.modules()):
         return
     longest, data = max(prompts)
     if longest + max_new_tokens > limit:
