@@ -191,8 +191,8 @@ def main(job, config_name: str) -> None:
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            say(f"kdlab: error: {err.strerror} writing {err.filename or 'a file'}; the files written before "
-                f"are intact: free space and run the same command again to resume")
+            print(f"kdlab: error: {err.strerror} writing {err.filename or 'a file'}; the files written before "
+                  f"are intact: free space and run the same command again to resume", file=sys.stderr)
             sys.exit(2)
 
     failed = []   # the jobs of a local sweep that failed

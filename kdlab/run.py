@@ -56,7 +56,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     selected = "best" if cfg.train.select_best and (run_dir / "student_best").exists() else "final"
     if "student" in cfg.eval.models:
         best = selected == "best" and runtime.evaluates
-        evals |= rows.evaluate(student=load_student(run_dir / "student_best", runtime, cfg.student) if best else models.student)
+        evals |= rows.evaluate(student=load_student(run_dir / "student_best", runtime, cfg.student) if best
+                               else models.student)
     results = {"run": run_record(cfg, overrides, info, selected), "eval": evals, "data": sets.counts}
     if runtime.is_main:
         write_results(cfg, run_dir, results, logger)
