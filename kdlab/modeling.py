@@ -7,7 +7,9 @@ randomly initialised model for tests). ``gguf_file`` selects a GGUF file inside 
 
 A local folder is checked before anything loads (:func:`check_folder`): it must hold ``config.json``,
 tokenizer files and weights, and every safetensors file must have a readable header and be as long as
-that header says (a truncated copy is caught here, not as a traceback from the loader).
+that header says (a truncated copy is caught here, not as a traceback from the loader); its JSON files
+must parse, ``config.json`` must name an architecture transformers has (or the folder's own code, run only
+with ``trust_remote_code``), and every weight must have the shape ``config.json`` gives it.
 """
 from __future__ import annotations
 
@@ -162,8 +164,15 @@ def check_shapes(folder: Path, headers: dict[str, dict], what: str, trust_remote
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return   # packed weights: their stored shapes are not the config's
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelUnavailable(f"{what}: config.json does not describe a causal language model transformers can "
+                               f"build ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}); point "
+                               f"it at a causal LM's folder") from None
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     for file, header in headers.items():
         for name, info in header.items():

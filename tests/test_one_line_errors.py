@@ -109,6 +109,7 @@ def edit_json(file: Path, **changes) -> None:
     ("model_type", r"config.json's model_type='nosuch' is not an architecture transformers .* knows; fix model_type"),
     ("shape", r"model.safetensors holds model.layers.0.mlp.\w+.weight of shape \[\d+, \d+\], but config.json "
               r"makes it \[\d+, \d+\]: the weights and config.json come from different models"),
+    ("not_causal", r"config.json does not describe a causal language model transformers can build \(ValueError"),
     ("custom_code", r"holds its own model code \(config.json's auto_map\).* set student.trust_remote_code=true"),
 ])
 def test_a_damaged_model_folder_is_one_line_before_anything_loads(model_folder, tmp_path, damage, match):
@@ -123,6 +124,8 @@ def test_a_damaged_model_folder_is_one_line_before_anything_loads(model_folder, 
         edit_json(folder / "config.json", model_type="nosuch")
     elif damage == "shape":
         edit_json(folder / "config.json", intermediate_size=96)
+    elif damage == "not_causal":
+        edit_json(folder / "config.json", model_type="t5")
     else:
         edit_json(folder / "config.json", auto_map={"AutoModelForCausalLM": "modeling_x.X"})
     for load in (resolve_folder, load_tokenizer, lambda spec, role: load_model(spec, role, torch.float32, 257)):
