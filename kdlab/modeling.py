@@ -78,8 +78,8 @@ def resolve_folder(spec, role: str) -> tuple[str, bool]:
         if not folder.is_dir():
             raise ModelUnavailable(f"{role}.path={spec.path} is not a folder; point {role}.path at a folder "
                                    f"holding config.json and weights (or a GGUF file)")
-        check_folder(folder, f"{role}.path={spec.path}", spec.gguf_file,
-                     untrusted_key=None if spec.trust_remote_code else f"{role}.trust_remote_code")
+        check_folder(folder, f"{role}.path={spec.path}", spec.gguf_file, spec.trust_remote_code,
+                     f"{role}.trust_remote_code")
         return str(folder), True
     if kind == "package":
         found = importlib.util.find_spec(spec.package)
@@ -138,17 +138,17 @@ def read_json_file(file: Path, what: str):
                                f"again") from None
 
 
-def check_architecture(config: dict, what: str, untrusted_key: str | None) -> None:
+def check_architecture(config: dict, what: str, trust_remote_code: bool, trust_key: str) -> None:
     """``config.json`` names an architecture this transformers has, or its own code (``auto_map``), which runs
-    only when allowed: ``untrusted_key`` is the key that allows it (None: allowed)."""
+    only with ``trust_remote_code`` (set by the config key ``trust_key``)."""
     from transformers import CONFIG_MAPPING, __version__
 
     if not isinstance(config, dict):
         raise ModelUnavailable(f"{what}: config.json is not a JSON object; copy or save the model again")
     if config.get("auto_map"):
-        if untrusted_key:
+        if not trust_remote_code:
             raise ModelUnavailable(f"{what} holds its own model code (config.json's auto_map), which kdlab runs only "
-                                   f"when told to: read it, and if you trust it set {untrusted_key}=true")
+                                   f"when told to: read it, and if you trust it set {trust_key}=true")
         return
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -182,10 +182,11 @@ def check_shapes(folder: Path, headers: dict[str, dict], what: str, trust_remote
                                        f"models; copy or save the model again")
 
 
-def check_folder(folder: Path, what: str, gguf_file: str | None = None, untrusted_key: str | None = None) -> None:
+def check_folder(folder: Path, what: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                 trust_key: str = "trust_remote_code") -> None:
     """One line naming what a local model folder lacks: config, tokenizer, weights, intact shards, readable
-    JSON files, a known architecture (or its own code, allowed unless ``untrusted_key`` names the flag that
-    would allow it), weights of the shapes the config gives."""
+    JSON files, a known architecture (or its own code, allowed by ``trust_remote_code``, the value of the config
+    key ``trust_key``), weights of the shapes the config gives."""
     need = "a Hugging Face model folder (config.json, tokenizer files, *.safetensors), e.g. a training job's student/"
     if gguf_file:
         if not (folder / gguf_file).is_file():
@@ -202,7 +203,7 @@ def check_folder(folder: Path, what: str, gguf_file: str | None = None, untruste
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).is_file():
             read_json_file(folder / name, what)
-    check_architecture(config, what, untrusted_key)
+    check_architecture(config, what, trust_remote_code, trust_key)
     weights = sorted(f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern))
     if not weights:
         raise ModelUnavailable(f"{what} has no weights (*.safetensors or pytorch_model*.bin); point it at {need}")
@@ -218,7 +219,7 @@ def check_folder(folder: Path, what: str, gguf_file: str | None = None, untruste
             raise ModelUnavailable(f"{what} lacks shard(s) {', '.join(missing)} named by {index.name}; copy "
                                    f"them into it")
     headers = {file.name: check_safetensors(file, what) for file in weights if file.suffix == ".safetensors"}
-    check_shapes(folder, headers, what, trust_remote_code=untrusted_key is None)
+    check_shapes(folder, headers, what, trust_remote_code)
 
 
 def check_available(spec, role: str) -> None:

@@ -187,12 +187,12 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     return model, info
 
 
-def published(folder: Path) -> float:
+def published(folder: Path, trust_remote_code: bool) -> float:
     """The training time recorded in a published teacher's ``finetune.json``, once the folder is checked: a
     damaged one is one line naming the folder to delete (it is rebuilt), not a loader's message about a
     ``teacher.path`` the user never set."""
     try:
-        check_folder(folder, str(folder))
+        check_folder(folder, str(folder), trust_remote_code=trust_remote_code, trust_key="teacher.trust_remote_code")
         return float(read_json(folder / COMPLETE)["train_time_s"])
     except (ModelUnavailable, ValueError, KeyError, TypeError) as err:
         what = str(err).rsplit("; ", 1)[0] if isinstance(err, ModelUnavailable) else (
@@ -240,8 +240,8 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                              "train_time_s": info["train_time_s"]}, indent=2, sort_keys=True) + "\n")
                     shutil.rmtree(work, ignore_errors=True)
                     del model
-        print(f"kdlab: teacher {cfg.teacher.name} fine-tuned: {folder} ({published(folder):.0f} s of training)",
-              flush=True)
+        train_time = published(folder, cfg.teacher.trust_remote_code)
+        print(f"kdlab: teacher {cfg.teacher.name} fine-tuned: {folder} ({train_time:.0f} s of training)", flush=True)
         del teacher
         spec = dict(plain(cfg.teacher), path=str(folder), gguf_file=None, revision=None)
         model = load_model(OmegaConf.create(spec), "teacher", runtime.dtype, vocab_size=len(tokenizer))
