@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under
 from kdlab.cli import main
 
 SCHEMA = {
@@ -38,7 +38,8 @@ def cache_teacher(cfg) -> Path:
     check_available(cfg.teacher, "teacher")
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     components = key_components(cfg, tokenizer)
-    folder = Path(cfg.cache.out).expanduser() / folder_name(components, cfg.cache.top_k, cfg.cache.dtype)
+    folder = check_under(cfg.cache.out, Path(cfg.cache.out).expanduser() / folder_name(
+        components, cfg.cache.top_k, cfg.cache.dtype), "cache.out")
     if (folder / "manifest.json").exists():
         print(f"kdlab: teacher cache already complete: {folder}")
         return folder

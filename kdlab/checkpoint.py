@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file, save_model
 from kdlab import distributed
 
 KEEP = 2   # checkpoints kept: the newest, and one to fall back on when it does not load
+STEP = re.compile(r"step-\d{7,}")   # a checkpoint folder's name (save_checkpoint)
 
 
 def umask() -> int:
@@ -292,12 +294,12 @@ def load_checkpoint(root: Path, say=lambda line: print(line, file=sys.stderr)):
     named = None
     if pointer.exists():
         named = pointer.read_text(errors="replace").strip()
-    folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    if named and (root / named).is_dir() and "/" not in named:
+    folders = sorted((p for p in root.glob("step-*") if STEP.fullmatch(p.name) and p.is_dir()), reverse=True)
+    if root / str(named) in folders:   # LAST names one of them ("..", "/etc" or "step-x" name none)
         folders.remove(root / named)
         folders.insert(0, root / named)
     problems = [] if named or not folders else ["checkpoints/LAST is missing"]
-    if named and not (root / named).is_dir():
+    if named and root / named not in folders:
         problems.append(f"checkpoints/LAST names {named[:60]!r}, which is not a checkpoint folder")
     for folder in folders:
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from omegaconf import OmegaConf
 
 from kdlab import runlock
 from kdlab.checkpoint import DISK_FULL, DiskFull, atomic_write_json, atomic_write_text, read_json
-from kdlab.config import ConfigError
+from kdlab.config import ConfigError, check_name
+from kdlab.loggers import quiet_library_bars, say
 from kdlab.modeling import ModelUnavailable
 from kdlab.preemption import Stopped
 from kdlab.trainer import TrainingDiverged
@@ -63,6 +65,8 @@ def validate_config(cfg) -> None:
     eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
     method = method_class(cfg.method.name)
     check_cross_tokenizer(cfg, method)
+    for key in ("experiment", "run_name"):
+        check_name(key, cfg.get(key))
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
     if cfg.teacher.get("cache") and method.needs_teacher and not method.uses_teacher_cache:
@@ -185,32 +189,65 @@ def main(job, config_name: str) -> None:
     """Run ``job(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``: ``-m`` may stand anywhere; a bad
     config, an unavailable model, a busy run folder, a diverged training or a full disk end the process with one line and exit
     status 2, a stop on SIGTERM/SIGUSR1/SIGUSR2 (checkpoint written) with 128 + the signal's number, and
-    Ctrl-C with one line and 130."""
+    Ctrl-C with one line and 130. In a local ``-m`` sweep (Hydra's basic launcher) a job that fails otherwise
+    is said and the next job runs; the process then ends with a line naming the failed jobs and status 1."""
     import hydra
 
-    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
-    def app(cfg) -> None:
+    def one_job(cfg) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
         try:
             job(cfg)
         except (ConfigError, ModelUnavailable, TrainingDiverged) as err:
-            print(f"kdlab: error: {err}", file=sys.stderr)
+            say(f"kdlab: error: {err}")
             sys.exit(2)
         except Stopped as stop:
-            print(f"kdlab: {stop}", file=sys.stderr)
+            say(f"kdlab: {stop}")
             stop.chain()   # under submitit, its own handler of that signal (requeue on its USR2) runs now
             sys.exit(128 + stop.signum)
         except KeyboardInterrupt:
-            print("kdlab: interrupted (Ctrl-C); run the same command again to resume from the last checkpoint",
-                  file=sys.stderr)
+            say("kdlab: interrupted (Ctrl-C); run the same command again to resume from the last checkpoint")
             sys.exit(130)
         except OSError as err:   # DiskFull from kdlab's writes; a bare ENOSPC from a library's own (Hydra's log)
             if err.errno not in DISK_FULL:
                 raise
-            print(f"kdlab: error: {err if isinstance(err, DiskFull) else DiskFull(err.errno, err.filename or '?')}",
-                  file=sys.stderr)
+            say(f"kdlab: error: {err if isinstance(err, DiskFull) else DiskFull(err.errno, err.filename or '?')}")
             sys.exit(2)
+
+    failed = []   # the jobs of a local sweep that failed
+
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    def app(cfg) -> None:
+        try:
+            one_job(cfg)
+        except (Exception, SystemExit) as err:   # not Ctrl-C or a stop signal (exit status 128+): those end the sweep
+            if isinstance(err, SystemExit) and err.code != 2 or not in_local_sweep():
+                raise
+            if not isinstance(err, SystemExit):
+                traceback.print_exc()
+            failed.append(sweep_job_name())
+            say(f"kdlab: sweep job {failed[-1]} failed; going on with the next job")
 
     multirun_flag_first()
     refuse_null_groups(sys.argv[1:])
+    quiet_library_bars()
     app()
+    if failed:
+        say(f"kdlab: error: {len(failed)} job(s) of the sweep failed (each said why above): {'; '.join(failed)}")
+        sys.exit(1)
+
+
+def in_local_sweep() -> bool:
+    """Whether this job is one of a ``-m`` sweep run in this process by Hydra's basic launcher, where one job's
+    exit would end the jobs after it (a submitit launcher runs each job as a process of its own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.launcher._target_.endswith(".BasicLauncher")
+
+
+def sweep_job_name() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    return f"#{hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"

@@ -7,6 +7,7 @@ that names the bad value and how to fix it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -96,6 +97,27 @@ class Type(_Allowed):
         if not ok:
             names = " or ".join(t.__name__ for t in self.allowed)
             raise ConfigError(f"{key}={value!r} has the wrong type; set {key} to a {names}")
+
+
+NAME = re.compile(r"\w[\w.+=,@-]{0,127}")
+
+
+def check_name(key: str, value: Any) -> None:
+    """A name that becomes a path component (``teacher.name`` in ``teachers/<key>/``, ``run_name`` in the run
+    folder, ...): letters, digits and ``_ . + = , @ -``, not starting with a dot, so that it can neither
+    leave its folder (``..``, ``/``) nor pass for one of kdlab's hidden temporaries."""
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(f"{key}={value!r} is not a valid name (it becomes part of a file path); use letters, "
+                          f"digits and _ . + = , @ - only, not starting with a dot, at most 128 characters")
+
+
+def check_under(root: str | Path, path: str | Path, what: str) -> Path:
+    """``path``, refused unless it lies inside ``root`` once both are resolved (``..`` and symbolic links
+    followed): a store never writes outside its own folder."""
+    root_resolved, resolved = Path(root).expanduser().resolve(), Path(path).expanduser().resolve()
+    if not resolved.is_relative_to(root_resolved) or resolved == root_resolved:
+        raise ConfigError(f"{what}: {path} is not inside {root}; check the names that make up the path")
+    return Path(path)
 
 
 def check_section(prefix: str, section: dict, schema: dict, ignore: Iterable[str] = ("name",)) -> None:

@@ -4,6 +4,10 @@
 sinks. Only the main rank logs; other ranks get a logger without sinks, so the trainer never has
 to branch on the rank.
 
+Console: :func:`progress` is a tqdm bar on a terminal and plain periodic lines otherwise (a SLURM log
+holds no carriage returns or cursor escapes); :func:`say` prints one of kdlab's own lines on a line of its
+own, clearing a bar being drawn first.
+
 Resume: the trainer restarts from its checkpoint step and logs those steps again, so it calls
 ``logger.truncate_after(step)`` first; the file sinks drop the lines past that step (W&B cannot
 rewrite history; a resumed W&B run keeps its id, see :class:`WandbSink`).
@@ -13,7 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,6 +65,89 @@ def validate_logger(cfg_logger: DictConfig | dict) -> None:
             raise ConfigError(f"logger.tags contains {tag!r}; every tag must be a string")
 
 
+PROGRESS_EVERY_S = 30.0   # a line at most this often when stderr is not a terminal
+
+
+def interactive() -> bool:
+    """Whether stderr is a terminal (not a file, a pipe or a SLURM log)."""
+    return sys.stderr.isatty()
+
+
+def say(line: str, file=None) -> None:
+    """One of kdlab's own lines, on a fresh line: a progress bar being drawn is cleared first and redrawn after
+    (``tqdm.write``), so the line never continues a bar's."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=file or sys.stderr)
+
+
+class PlainProgress:
+    """The part of tqdm's interface kdlab's loops use, as whole lines on stderr: at most one every
+    :data:`PROGRESS_EVERY_S` seconds; a loop that ``leave``s its bar (training) also says its first step and
+    its end, a passing one (an evaluation's batches) only what takes longer."""
+
+    def __init__(self, iterable=None, total=None, initial: int = 0, desc: str = "", leave: bool = True,
+                 disable: bool = False, unit: str = "it", **_):
+        self.iterable, self.desc, self.leave, self.disable, self.unit = iterable, desc, leave, disable, unit
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.postfix, self.started, self.said_n = initial, "", time.time(), None
+        self.said_at = None if leave else self.started
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.said_at is None or time.time() - self.said_at >= PROGRESS_EVERY_S:
+            self._say()
+
+    def close(self) -> None:
+        if self.leave and self.said_n != self.n:
+            self._say()
+        self.leave = False   # closed: said once
+
+    def _say(self) -> None:
+        if self.disable:
+            return
+        self.said_at, self.said_n = time.time(), self.n
+        of = f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        line = f"{self.desc}: {self.n}{of} {self.unit} {self.postfix} [{self.said_at - self.started:.0f} s]"
+        print(" ".join(line.split()), file=sys.stderr, flush=True)
+
+
+def quiet_library_bars() -> None:
+    """When stderr is not a terminal, the libraries' own bars (transformers' "Loading weights", hub downloads)
+    are switched off too (``HF_HUB_DISABLE_PROGRESS_BARS``, which both read, for subprocesses as well)."""
+    if interactive():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def progress(iterable=None, **kwargs):
+    """A progress bar (``tqdm.auto.tqdm``'s arguments) on a terminal; :class:`PlainProgress` lines otherwise."""
+    if interactive():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return PlainProgress(iterable, **kwargs)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dicts (and lists of dicts, keyed by index) to one level with '/'-joined keys."""
     flat: dict[str, Any] = {}
@@ -82,6 +172,12 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity (``json.dumps`` writes a bare ``NaN`` that strict parsers reject): a
+    non-finite number goes to ``metrics.jsonl`` as the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _rewrite_keeping(path: Path, keep) -> None:
     """Rewrite ``path`` with the lines for which ``keep(line)`` holds (atomically)."""
     if not path.exists():
@@ -99,7 +195,8 @@ class JsonlSink:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(line, allow_nan=False) + "\n")
         self._file.flush()
 
     def summary(self, metrics: dict) -> None:

@@ -7,7 +7,9 @@ randomly initialised model for tests). ``gguf_file`` selects a GGUF file inside 
 
 A local folder is checked before anything loads (:func:`check_folder`): it must hold ``config.json``,
 tokenizer files and weights, and every safetensors file must have a readable header and be as long as
-that header says (a truncated copy is caught here, not as a traceback from the loader).
+that header says (a truncated copy is caught here, not as a traceback from the loader); its JSON files
+must parse, ``config.json`` must name an architecture transformers has (or the folder's own code, run only
+with ``trust_remote_code``), and every weight must have the shape ``config.json`` gives it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from kdlab import network
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section
+from kdlab.config import ConfigError, OneOf, Range, Type, check_name, check_section
 
 SOURCE_SCHEMA = {
     "path": Type(str, optional=True),
@@ -52,6 +54,7 @@ class ModelUnavailable(RuntimeError):
 
 def validate_source(role: str, cfg, schema: dict) -> None:
     """Check a teacher or student section against ``schema`` (a superset of :data:`SOURCE_SCHEMA`)."""
+    check_name(f"{role}.name", cfg.get("name"))
     check_section(role, cfg, schema)
     if cfg.get("random"):
         check_section(f"{role}.random", cfg.random, RANDOM_SCHEMA)
@@ -76,7 +79,8 @@ def resolve_folder(spec, role: str) -> tuple[str, bool]:
         if not folder.is_dir():
             raise ModelUnavailable(f"{role}.path={spec.path} is not a folder; point {role}.path at a folder "
                                    f"holding config.json and weights (or a GGUF file)")
-        check_folder(folder, f"{role}.path={spec.path}", spec.gguf_file)
+        check_folder(folder, f"{role}.path={spec.path}", spec.gguf_file, spec.trust_remote_code,
+                     f"{role}.trust_remote_code")
         return str(folder), True
     if kind == "package":
         found = importlib.util.find_spec(spec.package)
@@ -105,9 +109,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 
 
-def check_safetensors(file: Path, what: str) -> None:
+def check_safetensors(file: Path, what: str) -> dict:
     """Raise :class:`ModelUnavailable` unless ``file`` has a safetensors header (8-byte little-endian
-    length, then that much JSON) and every tensor's data lies within the file."""
+    length, then that much JSON) and every tensor's data lies within the file; return the header."""
     size = file.stat().st_size
     fix = "copy or save the model again"
     with open(file, "rb") as f:
@@ -123,10 +127,67 @@ def check_safetensors(file: Path, what: str) -> None:
                                    f"readable); {fix}") from None
     if 8 + length + end > size:
         raise ModelUnavailable(f"{what}: {file.name} is truncated ({size} bytes of {8 + length + end}); {fix}")
+    return header
 
 
-def check_folder(folder: Path, what: str, gguf_file: str | None = None) -> None:
-    """One line naming what a local model folder lacks: config, tokenizer, weights, intact shards."""
+def read_json_file(file: Path, what: str):
+    """``file`` parsed, or one line naming it: a damaged ``config.json`` or ``tokenizer.json``."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelUnavailable(f"{what}: {file.name} is not valid JSON ({str(err)[:80]}); copy or save the model "
+                               f"again") from None
+
+
+def check_architecture(config: dict, what: str, trust_remote_code: bool, trust_key: str) -> None:
+    """``config.json`` names an architecture this transformers has, or its own code (``auto_map``), which runs
+    only with ``trust_remote_code`` (set by the config key ``trust_key``)."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    if not isinstance(config, dict):
+        raise ModelUnavailable(f"{what}: config.json is not a JSON object; copy or save the model again")
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise ModelUnavailable(f"{what} holds its own model code (config.json's auto_map), which kdlab runs only "
+                                   f"when told to: read it, and if you trust it set {trust_key}=true")
+        return
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelUnavailable(f"{what}: config.json's model_type={model_type!r} is not an architecture "
+                               f"transformers {__version__} knows; fix model_type in config.json, or upgrade "
+                               f"transformers")
+
+
+def check_shapes(folder: Path, headers: dict[str, dict], what: str, trust_remote_code: bool) -> None:
+    """Every weight in the folder's safetensors files has the shape its ``config.json`` gives it (a
+    config.json from another model size is otherwise a loader traceback). The model is built on the meta
+    device: no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return   # packed weights: their stored shapes are not the config's
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelUnavailable(f"{what}: config.json does not describe a causal language model transformers can "
+                               f"build ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}); point "
+                               f"it at a causal LM's folder") from None
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file, header in headers.items():
+        for name, info in header.items():
+            if name in expected and isinstance(info, dict) and list(info.get("shape", [])) != expected[name]:
+                raise ModelUnavailable(f"{what}: {file} holds {name} of shape {info['shape']}, but config.json makes "
+                                       f"it {expected[name]}: the weights and config.json come from different "
+                                       f"models; copy or save the model again")
+
+
+def check_folder(folder: Path, what: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                 trust_key: str = "trust_remote_code") -> None:
+    """One line naming what a local model folder lacks: config, tokenizer, weights, intact shards, readable
+    JSON files, a known architecture (or its own code, allowed by ``trust_remote_code``, the value of the config
+    key ``trust_key``), weights of the shapes the config gives."""
     need = "a Hugging Face model folder (config.json, tokenizer files, *.safetensors), e.g. a training job's student/"
     if gguf_file:
         if not (folder / gguf_file).is_file():
@@ -139,6 +200,11 @@ def check_folder(folder: Path, what: str, gguf_file: str | None = None) -> None:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelUnavailable(f"{what} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
                                f"tokenizer into it (tokenizer.save_pretrained) or point it at {need}")
+    config = read_json_file(folder / "config.json", what)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            read_json_file(folder / name, what)
+    check_architecture(config, what, trust_remote_code, trust_key)
     weights = sorted(f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern))
     if not weights:
         raise ModelUnavailable(f"{what} has no weights (*.safetensors or pytorch_model*.bin); point it at {need}")
@@ -153,9 +219,8 @@ def check_folder(folder: Path, what: str, gguf_file: str | None = None) -> None:
         if missing:
             raise ModelUnavailable(f"{what} lacks shard(s) {', '.join(missing)} named by {index.name}; copy "
                                    f"them into it")
-    for file in weights:
-        if file.suffix == ".safetensors":
-            check_safetensors(file, what)
+    headers = {file.name: check_safetensors(file, what) for file in weights if file.suffix == ".safetensors"}
+    check_shapes(folder, headers, what, trust_remote_code)
 
 
 def check_available(spec, role: str) -> None:
@@ -323,6 +388,14 @@ def lora_targets(model, target_modules, key: str) -> tuple[list[str], bool]:
     else the architecture's q/v projections; ``key`` is the config key that sets them."""
     model_type = model.config.model_type
     if target_modules:
+        names = [name for name, _ in model.named_modules()]
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:   # peft would raise its own multi-line error after the model is built
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if type(module).__name__ in ("Linear", "Conv1D")})
+            raise ConfigError(f"{key}={list(target_modules)}: {', '.join(map(repr, unmatched))} match no module of "
+                              f"the {model_type} model; set {key} to some of its layers ({', '.join(linear)}) or "
+                              f"null (the architecture's q/v projections)")
         return list(target_modules), model_type == "gpt2"
     if model_type not in LORA_TARGETS:
         raise ConfigError(f"{key} is null and the teacher's architecture {model_type!r} has no "

@@ -21,7 +21,7 @@ from kdlab.hardware import Runtime, start_runtime
 from kdlab.loggers import build_logger
 from kdlab.methods import build_job_method, trains_on_cached_teacher
 from kdlab.methods.base import Method
-from kdlab.metrics.evaluate import evaluate_once
+from kdlab.metrics.evaluate import check_generation_room, evaluate_once
 from kdlab.student import Models, load_models, load_student
 from kdlab.teacher.finetune import finetuned_teacher
 from kdlab.checkpoint import save_pretrained
@@ -57,7 +57,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     selected = "best" if cfg.train.select_best and (run_dir / "student_best").exists() else "final"
     if "student" in cfg.eval.models:
         best = selected == "best" and runtime.evaluates
-        evals |= rows.evaluate(student=load_student(run_dir / "student_best", runtime) if best else models.student)
+        evals |= rows.evaluate(student=load_student(run_dir / "student_best", runtime, cfg.student) if best
+                               else models.student)
     results = {"run": run_record(cfg, overrides, info, selected), "eval": evals, "data": sets.counts}
     if runtime.is_main:
         write_results(cfg, run_dir, results, logger)
@@ -78,6 +79,14 @@ class ResultRows:
     sets: JobSets
     method: Method
     cross: bool
+
+    def __post_init__(self) -> None:
+        """Before the first evaluation: the student's test and validation prompts and the teacher's test prompts
+        leave room for ``eval.max_new_tokens`` (not only once the student is trained)."""
+        check_generation_room(self.models.student, {**self.sets.test, "valid": self.sets.valid},
+                              self.eval_cfg.max_new_tokens, "student")
+        if self.models.teacher is not None:
+            check_generation_room(self.models.teacher, self.sets.teacher_test, self.eval_cfg.max_new_tokens, "teacher")
 
     def evaluate(self, **models) -> dict:
         """``{name: row}`` for each of ``models`` that ``eval.models`` names and that exists; ranks that do not

@@ -17,7 +17,7 @@ from torch import nn
 from kdlab import distributed
 from kdlab.config import ConfigError, OneOf, Range
 from kdlab.modeling import (SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_model, load_tokenizer,
-                            source_kind, validate_source)
+                            validate_source)
 from kdlab.teacher import load_teacher
 
 SCHEMA = {
@@ -74,8 +74,9 @@ def build_student(cfg, teacher: nn.Module, teacher_tokenizer, teacher_name: str,
     if own_tokenizer:
         tokenizer = load_tokenizer(cfg, "student")
         return load_model(cfg, "student", dtype, vocab_size=len(tokenizer)).train(), tokenizer
-    tokenizer = teacher_tokenizer if source_kind(cfg) == "random" else load_tokenizer(cfg, "student")
-    check_vocabularies(teacher_tokenizer, tokenizer, teacher_name, cfg.name)
+    # a random student's own tokenizer is the byte-level one (load_tokenizer): one beside a teacher of another
+    # vocabulary (student=tiny-bytes) is refused here rather than silently given the teacher's vocabulary
+    check_vocabularies(teacher_tokenizer, load_tokenizer(cfg, "student"), teacher_name, cfg.name)
     model = load_model(cfg, "student", dtype, vocab_size=len(teacher_tokenizer))
     return model.train(), teacher_tokenizer
 
@@ -125,8 +126,11 @@ def load_models(cfg, runtime, *, with_teacher: bool = True, checkpoint: bool = F
     return Models(teacher, student.to(runtime.device), tokenizer, teacher_tokenizer)
 
 
-def load_student(folder, runtime) -> nn.Module:
-    """A student saved by a job (``student/``, ``student_best/``), in fp32 on ``runtime``'s device."""
+def load_student(folder, runtime, spec) -> nn.Module:
+    """A student saved by a job (``student/``, ``student_best/``), in fp32 on ``runtime``'s device, with the
+    settings of ``spec`` (the job's ``student`` section) that loading depends on (``trust_remote_code``: a
+    custom architecture's code is saved with it)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(runtime.device)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                trust_remote_code=spec.trust_remote_code).to(runtime.device)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kdlab import distributed, optim
 from kdlab.checkpoint import capture_rng, load_checkpoint, prune, restore_params, restore_rng, save_checkpoint
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section
 from kdlab.data import batches
+from kdlab.loggers import progress, say
 from kdlab.preemption import StopSignals
 from kdlab.validation import Validation
 from kdlab.modeling import sparse_tied_embedding_grad
@@ -141,7 +141,7 @@ class Trainer:
     def fit(self) -> dict:
         if self.runtime.is_main:
             self.validation.recover(len(self.phases))
-        resume = load_checkpoint(self.ckpt_dir)
+        resume = load_checkpoint(self.ckpt_dir, say=say)
         if resume is None:
             self.logger.truncate_after(0)   # a job killed before its first checkpoint logged steps it redoes
         start_phase = resume[1]["phase"] if resume else 0
@@ -170,9 +170,11 @@ class Trainer:
             self.restore(*resume)
             step, epoch, batch_index = (resume[1][key] for key in ("step", "epoch", "batch"))
             self.logger.truncate_after(offset + step)
+            if self.runtime.is_main:
+                say(f"kdlab: resuming from step {offset + step} (checkpoint in {self.ckpt_dir})")
         data = batches(self.train_items, tc.batch_size // tc.grad_accum, self.tokenizer.pad_token_id, self.cfg.seed,
                        epoch, batch_index * tc.grad_accum)
-        bar = tqdm(total=total, initial=step, desc=phase.name, dynamic_ncols=True, disable=not self.runtime.is_main)
+        bar = progress(total=total, initial=step, desc=phase.name, unit="steps", disable=not self.runtime.is_main)
         while step < total:
             t0 = time.time()
             logs, tokens = {}, 0

@@ -232,10 +232,12 @@ def test_the_modules_dropout_is_on_in_training_and_the_teachers_own_dropout_stay
 
 
 def test_lora_targets_default_per_architecture_and_name_the_key_that_sets_them():
-    def model(model_type):
-        return type("M", (), {"config": type("C", (), {"model_type": model_type})()})()
+    def model(model_type, modules=()):
+        return type("M", (), {"config": type("C", (), {"model_type": model_type})(),
+                              "named_modules": lambda self: [(name, None) for name in modules]})()
     assert lora_targets(model("llama"), None, "method.target_modules") == (["q_proj", "v_proj"], False)
-    assert lora_targets(model("gpt2"), ["c_proj"], "method.target_modules") == (["c_proj"], True)   # Conv1D
+    assert lora_targets(model("gpt2", ["transformer.h.0.attn.c_proj"]), ["c_proj"],
+                        "method.target_modules") == (["c_proj"], True)   # Conv1D
     key = "teacher.finetune.target_modules"
     with pytest.raises(ConfigError, match=rf"^{key} is null .*'bert'.*set {key}=\["):
         lora_targets(model("bert"), None, key)

@@ -61,6 +61,10 @@ def encode_counted(examples: list[dict], tokenizer, template: str, max_prompt_le
                    max_length: int) -> tuple[list[Encoded], dict]:
     """:func:`encode`, and a count of what the limits cost: ``{rows, kept, dropped, truncated,
     max_prompt_length, max_length}``."""
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the prompt template is chat (dataset.template=chat, or dataset.template=auto and the "
+                          "model's template: chat), but the model's tokenizer has no chat template; set "
+                          "dataset.template=alpaca")
     out, truncated = [], 0
     for ex in examples:
         prompt = format_prompt(ex, template, tokenizer)
@@ -93,11 +97,12 @@ def counts_note(name: str, counts: dict, key: str) -> str | None:
     return f"kdlab: {name}: {', '.join(lost)}" if lost else None
 
 
-def check_batch_size(batch_size: int, usable: int, what: str) -> None:
-    """A training set smaller than one batch can make no optimizer step: say so before any evaluation."""
+def check_batch_size(batch_size: int, usable: int, what: str, key: str = "train.batch_size") -> None:
+    """A training set smaller than one batch (of ``key``) can make no optimizer step: say so before any
+    evaluation."""
     if usable < batch_size:
-        raise ConfigError(f"train.batch_size={batch_size} is larger than the training set ({what}); lower "
-                          f"train.batch_size to at most {usable} or add training data")
+        raise ConfigError(f"{key}={batch_size} is larger than the training set ({what}); lower "
+                          f"{key} to at most {usable} or add training data")
 
 
 def encode_sets(cfg, tokenizer, splits: dict | None, test_sets: dict,

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kdlab.config import ConfigError
 from kdlab.data.sources import _resolve
+from kdlab.loggers import progress
 
 
 def documents(path: Path, key: str):
@@ -57,7 +57,7 @@ def pack_corpus(path: str, tokenizer, length: int, max_tokens: int, key: str = "
             total += len(parts[-1])
         texts.clear()
 
-    with tqdm(total=max_tokens, desc=f"packing {file.name}", unit="tok", leave=False) as bar:
+    with progress(total=max_tokens, desc=f"packing {file.name}", unit="tok", leave=False) as bar:
         for text in documents(file, key):
             texts.append(text)
             if len(texts) == 256:   # batches of documents: the fast tokenizer encodes them in parallel

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab import network
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
+from kdlab.config import ConfigError, OneOf, Range, Type, check_name, check_section, plain
 from kdlab.data.synthetic import FAMILIES, LEVELS, SPLITS, make_synthetic
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -125,6 +125,7 @@ def validate_dataset(cfg: Any, prefix: str = "dataset") -> dict:
     cfg = _as_dict(cfg)
     source = cfg.get("source", cfg.get("name"))
     OneOf(*SOURCES)(f"{prefix}.source", source)
+    check_name(f"{prefix}.name", cfg.get("name"))
     check_section(prefix, cfg, SCHEMAS[source])
     if cfg.get("max_prompt_length", 0) >= cfg.get("max_length", 1):
         raise ConfigError(f"{prefix}.max_prompt_length={cfg['max_prompt_length']} must be below "

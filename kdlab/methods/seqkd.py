@@ -42,7 +42,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from kdlab import runlock
 from kdlab.alignment import token_bytes
@@ -51,6 +50,7 @@ from kdlab.config import ConfigError, Range, Type, check_section, plain
 from kdlab.data import Encoded, left_pad
 from kdlab.distributed import barrier, gather_objects
 from kdlab.generation import SAMPLING_SCHEMA, generate
+from kdlab.loggers import progress
 from kdlab.methods.base import MLE, Method
 
 GENERATION_SCHEMA = {
@@ -157,7 +157,7 @@ class SeqKD(MLE):
         limit = limit or self.cfg.max_length
         order = sorted(prompts, key=len)    # similar lengths share a batch: less padding
         out = {}
-        for i, start in enumerate(tqdm(range(0, len(order), g.batch_size), desc="seqkd: teacher generates")):
+        for i, start in enumerate(progress(range(0, len(order), g.batch_size), desc="seqkd: teacher generates")):
             chunk = order[start: start + g.batch_size]
             ids, mask = left_pad([list(p) for p in chunk], tok.pad_token_id)
             room = max(1, min(g.max_new_tokens, limit - len(chunk[0])))

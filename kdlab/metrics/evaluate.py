@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kdlab.checkpoint import atomic_write_json, read_json
 from kdlab.config import ConfigError, Range, Type, check_section
 from kdlab.data import collate
 from kdlab.distributed import barrier
 from kdlab.generation import generate
+from kdlab.loggers import progress
 from kdlab.metrics import (bucket_token_stats, distinct_n, exact_match, exaccerr, exaccerr_from_regrets,
                            rouge_l_per_example, token_stats)
 from kdlab.modeling import response_logits
@@ -115,7 +115,7 @@ def test_loss(model, encoded, tokenizer, batch_size: int, device, autocast) -> f
 def generate_texts(model, tokenizer, encoded, cfg, device, seed: int | None, desc: str) -> list[str]:
     texts = []
     parts = list(chunks(encoded, cfg.batch_size))
-    for i, part in enumerate(tqdm(parts, desc=desc, leave=False, dynamic_ncols=True)):
+    for i, part in enumerate(progress(parts, desc=desc, leave=False)):
         batch = collate(part, tokenizer.pad_token_id).to(device)
         out = generate(model, tokenizer, batch.prompt_ids, batch.prompt_mask, max_new_tokens=cfg.max_new_tokens,
                        do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -246,8 +246,25 @@ def evaluate(model, tokenizer, encoded, cfg, runtime, desc: str = "eval", teache
     return result
 
 
+def check_generation_room(model, sets: dict, max_new_tokens: int, name: str) -> None:
+    """The longest prompt of ``sets`` (``{set name: [Encoded]}``) plus ``eval.max_new_tokens`` fits a model
+    with a learned position table (GPT-2's ``wpe``: an embedding of ``max_position_embeddings`` rows), which
+    otherwise fails mid-generation with an IndexError. Rotary models have no such table and are not limited."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    prompts = [(len(item.prompt_ids), data) for data, items in sets.items() for item in items or []]
+    if not limit or not prompts or not any(isinstance(module, torch.nn.Embedding) and module.num_embeddings == limit
+                                           for module in model.modules()):
+        return
+    longest, data = max(prompts)
+    if longest + max_new_tokens > limit:
+        raise ConfigError(f"eval.max_new_tokens={max_new_tokens} does not fit the {name}: its longest {data} prompt "
+                          f"has {longest} tokens and the model {limit} positions; set eval.max_new_tokens to at most "
+                          f"{limit - longest}, or lower the dataset's max_prompt_length")
+
+
 def evaluate_sets(model, tokenizer, sets: dict, cfg, runtime, name: str, teacher=None) -> dict:
     """``{dataset: metrics}`` of ``model`` (a row named ``name``) on every encoded test set of ``sets``."""
+    check_generation_room(model, sets, cfg.max_new_tokens, name)
     return {data: evaluate(model, tokenizer, items, cfg, runtime, desc=f"{name}/{data}", teacher=teacher)
             for data, items in sets.items()}
 

@@ -48,8 +48,8 @@ import torch
 
 from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section, plain
-from kdlab.modeling import lora_config
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under, plain
+from kdlab.modeling import ModelUnavailable, check_folder, lora_config
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
 DEFAULTS = {
@@ -195,12 +195,27 @@ def _train(cfg, runtime, teacher, tokenizer, train_items, work: Path):
     return model, info
 
 
+def published(folder: Path, trust_remote_code: bool) -> float:
+    """The training time recorded in a published teacher's ``finetune.json``, once the folder is checked: a
+    damaged one is one line naming the folder to delete (it is rebuilt), not a loader's message about a
+    ``teacher.path`` the user never set."""
+    try:
+        check_folder(folder, str(folder), trust_remote_code=trust_remote_code, trust_key="teacher.trust_remote_code")
+        return float(read_json(folder / COMPLETE)["train_time_s"])
+    except (ModelUnavailable, ValueError, KeyError, TypeError) as err:
+        what = str(err).rsplit("; ", 1)[0] if isinstance(err, ModelUnavailable) else (
+            f"{folder / COMPLETE} is damaged ({type(err).__name__}: {str(err)[:80]})")
+        raise ConfigError(f"teacher.finetune: the fine-tuned teacher does not load: {what}; delete {folder} and run "
+                          f"again to fine-tune it anew") from None
+
+
 def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
     """The teacher fine-tuned on ``train_items`` per ``cfg.teacher.finetune``, frozen, on the runtime's
     device in the teacher's dtype: loaded from ``<output_dir>/teachers/<key>/`` (trained there first, under
     the lock, if no job has published it). ``teacher`` is the loaded teacher; it is trained in place."""
     from omegaconf import OmegaConf
 
+    from kdlab.data import check_batch_size
     from kdlab.modeling import freeze, load_model
 
     if runtime.strategy == "zero3":   # the teacher is already sharded when the hook runs
@@ -209,7 +224,7 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                           "<output_dir>/teachers/<key> and teacher.finetune=null")
     root = Path(cfg.output_dir).expanduser() / "teachers"
     key = teacher_key(cfg, train_items)
-    folder, work = root / key, root / f"{key}.work"
+    folder, work = check_under(root, root / key, "teacher.finetune"), root / f"{key}.work"
     with _preserved_rng():
         if runtime.is_main:
             runlock.remove_stale_temporaries(root)
@@ -221,6 +236,8 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
             with _locked(root / f"{key}.lock", f"teacher {cfg.teacher.name}"):
                 recover_dir(folder)
                 if not (folder / COMPLETE).exists():
+                    check_batch_size(settings(cfg.teacher.finetune)["batch_size"], len(train_items),
+                                     f"{len(train_items)} usable examples", key="teacher.finetune.batch_size")
                     print(f"kdlab: fine-tuning teacher {cfg.teacher.name} on {len(train_items)} training examples "
                           f"-> {folder}", flush=True)
                     model, info = _train(cfg, runtime, teacher, tokenizer, train_items, work)
@@ -233,8 +250,8 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                              "train_time_s": info["train_time_s"]}, indent=2, sort_keys=True) + "\n")
                     shutil.rmtree(work, ignore_errors=True)
                     del model
-        print(f"kdlab: teacher {cfg.teacher.name} fine-tuned: {folder} "
-              f"({read_json(folder / COMPLETE)['train_time_s']:.0f} s of training)", flush=True)
+        train_time = published(folder, cfg.teacher.trust_remote_code)
+        print(f"kdlab: teacher {cfg.teacher.name} fine-tuned: {folder} ({train_time:.0f} s of training)", flush=True)
         del teacher
         spec = dict(plain(cfg.teacher), path=str(folder), gguf_file=None, revision=None)
         model = load_model(OmegaConf.create(spec), "teacher", runtime.dtype, vocab_size=len(tokenizer))

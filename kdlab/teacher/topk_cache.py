@@ -116,9 +116,8 @@ class _ShardWriter:
 def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, top_k: int, dtype: str = "float16",
                 batch_size: int = 8, shard_rows: int = 262_144, runtime=None, progress: bool = False) -> Path:
     """Run ``teacher`` over ``items`` (:class:`kdlab.data.Encoded`) and write a cache into ``folder``."""
-    from tqdm.auto import tqdm
-
     from kdlab.data import collate
+    from kdlab.loggers import progress as progress_bar
     from kdlab.modeling import response_logits
 
     vocab = len(tokenizer)
@@ -132,7 +131,7 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
     runlock.remove_stale_temporaries(folder.parent)
     with atomic_dir(folder) as tmp:
         writer = _ShardWriter(tmp, shard_rows, np.dtype(dtype))
-        for start in tqdm(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
+        for start in progress_bar(range(0, len(order), batch_size), desc="teacher top-k", disable=not progress):
             keys = order[start: start + batch_size]
             batch = collate([unique[k] for k in keys], tokenizer.pad_token_id).to(device)
             with runtime.autocast() if runtime is not None else contextlib.nullcontext():
@@ -152,13 +151,15 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
     return folder
 
 
+REBUILD = "rebuild it with `python -m kdlab.cache_teacher teacher=<name> dataset=<name>` and pass the folder it prints"
+
+
 class TeacherCache:
     """A cache folder opened for reading; :meth:`lookup` gives a batch's teacher targets."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        rebuild = ("rebuild it with `python -m kdlab.cache_teacher teacher=<name> dataset=<name>` and pass the folder "
-                   "it prints")
+        rebuild = REBUILD
         manifest = self.folder / "manifest.json"
         if not manifest.exists():
             raise ConfigError(f"teacher.cache={folder} is not a complete teacher cache (no manifest.json); {rebuild}")
@@ -204,6 +205,38 @@ class TeacherCache:
             raise ConfigError(f"teacher.cache={self.folder} was built from other training examples than this run's "
                               f"(same config: have the dataset files changed?); rebuild it with "
                               f"`python -m kdlab.cache_teacher`")
+        problem = self.index_problem(items)
+        if problem:
+            raise ConfigError(f"teacher.cache={self.folder}: index.json {problem}; {REBUILD}")
+
+    def index_problem(self, items) -> str | None:
+        """What is wrong with ``index.json`` against this run's examples and the shards, or None: every example
+        needs an entry with as many rows as it has response tokens, and each shard's entries must tile its rows
+        exactly (no gap, no overlap, nothing past the end). An index shifted by a row would otherwise have the
+        student trained on its neighbour's rows, silently."""
+        if not isinstance(self.index, dict):
+            return "is not a JSON object"
+        for where in self.index.values():
+            if (not isinstance(where, list) or len(where) != 3 or not all(isinstance(v, int) for v in where)
+                    or not 0 <= where[0] < len(self.values)):
+                return f"has a malformed entry {where!r} (not [shard, first row, rows])"
+        for item in items:
+            where = self.index.get(item_key(item))
+            if where is None:
+                return f"has no entry for {len(items) - sum(item_key(it) in self.index for it in items)} of this " \
+                       f"run's {len(items)} training examples"
+            if where[2] != len(item.response_ids):
+                return f"gives {where[2]} rows to an example with {len(item.response_ids)} response tokens"
+        spans = sorted(tuple(where) for where in self.index.values())
+        for shard in range(len(self.values)):
+            end = 0
+            for first, rows in [(f, r) for s, f, r in spans if s == shard]:
+                if first != end:
+                    return f"puts an example at row {first} of shard {shard}, where row {end} is next"
+                end += rows
+            if end != len(self.values[shard]):
+                return f"covers {end} of the {len(self.values[shard])} rows of shard {shard}"
+        return None
 
     def lookup(self, batch) -> TopKLogProbs:
         """The cached top-k ``(N, k)`` at the batch's response positions, row-major like ``response_logits``."""
