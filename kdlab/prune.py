@@ -52,7 +52,9 @@ def prune(cfg) -> dict:
         models = derive_models(cfg, runtime, models, sets, with_teacher=False)
     data = {"calibration": sets.train[:settings(cfg.student.prune)["calibration_rows"]], "valid": sets.valid,
             "test": sets.test[cfg.dataset.name]}
-    data = {split: data[split] for split in cfg.report.splits}
+    # sorted by length: batches of similar lengths pad less (the token-mean loss does not depend on the order)
+    data = {split: sorted(data[split], key=lambda it: len(it.prompt_ids) + len(it.response_ids))
+            for split in cfg.report.splits}
     batch = cfg.eval.batch_size
     out = {"student": cfg.student.name, "shape": vars(Shape.of(models.student.config)),
            "teacher_shape": vars(Shape.of(teacher.config))}
