@@ -231,7 +231,8 @@ def random_config(arch_cfg, vocab_size: int):
     tokens = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     if a["arch"] == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=a["hidden_size"], num_hidden_layers=a["num_layers"],
-                             num_attention_heads=a["num_heads"], num_key_value_heads=a.get("num_kv_heads") or a["num_heads"],
+                             num_attention_heads=a["num_heads"],
+                             num_key_value_heads=a.get("num_kv_heads") or a["num_heads"],
                              intermediate_size=a["intermediate_size"], max_position_embeddings=a["max_positions"],
                              tie_word_embeddings=True, **tokens)
     else:

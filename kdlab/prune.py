@@ -29,7 +29,7 @@ def parameters(model) -> tuple[int, int]:
 
 
 def prune(cfg) -> dict:
-    from kdlab.data import encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
+    from kdlab.data import encode_job_sets, load_test_sets, load_training_splits
     from kdlab.hardware import start_runtime
     from kdlab.pruning import Shape, calibration_loss, describe, settings
     from kdlab.student import derive_models, load_models

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -400,9 +401,8 @@ def _slicer(arch: str, head_dim: int, hidden: int, plan: dict, position: int):
 
 def prune_model(teacher: nn.Module, plan: dict) -> nn.Module:
     """A new model of ``teacher``'s architecture holding the slices ``plan`` keeps: ``layers`` (teacher block
-    indices), ``channels``, and per kept block ``heads`` and ``neurons`` (teacher indices, ascending)."""
-    import re
-
+    indices), ``channels``, and per kept block ``heads``, ``kv_heads`` and ``neurons`` (teacher indices,
+    ascending)."""
     from transformers import AutoModelForCausalLM
 
     teacher_shape = Shape.of(teacher.config)
@@ -452,7 +452,8 @@ def _importance(root: Path, name: str, components: dict, teacher, calibration, t
     shared["measure"] = {k: s[k] for k in ("width_aggregation", "calibration_rows", "batch_size")}
     path = root / f"{name}-{content_key(shared)}.importance.json"
     importance = read_json(path) if path.exists() else None
-    if importance is None:
+    changed = importance is None
+    if changed:
         print(f"kdlab: measuring the importance of {name}'s heads, neurons, channels and blocks on "
               f"{len(calibration)} calibration rows", flush=True)
         importance = measure_importance(teacher, calibration, tokenizer.pad_token_id, s["width_aggregation"],
@@ -460,7 +461,8 @@ def _importance(root: Path, name: str, components: dict, teacher, calibration, t
     if s["depth_criterion"] == "loss" and "block_removal_loss" not in importance:
         print(f"kdlab: measuring the calibration loss without each of {name}'s blocks", flush=True)
         importance["block_removal_loss"] = block_removal_losses(teacher, calibration, tokenizer, s["batch_size"])
-    if not path.exists() or "block_removal_loss" in importance and "block_removal_loss" not in read_json(path):
+        changed = True
+    if changed:
         atomic_write_json(path, importance)
     return importance
 
