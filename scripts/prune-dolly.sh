@@ -29,3 +29,10 @@ prune depth-width-25 num_layers:15,num_attention_heads:6,intermediate_size:640  
 prune loss-15 num_layers:15,depth_criterion:loss,calibration_rows:16
 prune loss-8 num_layers:8,depth_criterion:loss,calibration_rows:16
 row student.name=teacher-30 student.num_layers=30                   # all 30 blocks: the teacher itself
+# more shapes of the same sizes, after the first results (depth + width led at 50 %, the loss criterion at depth)
+prune depth-width-50-loss num_layers:20,intermediate_size:1024,depth_criterion:loss,calibration_rows:16
+prune depth-width-25b num_layers:10,intermediate_size:1024                                     # 25 %
+prune depth-width-25b-loss num_layers:10,intermediate_size:1024,depth_criterion:loss,calibration_rows:16
+prune width-50-mlp intermediate_size:512                                                       # 50 %
+prune width-50-l2 num_attention_heads:6,intermediate_size:640,width_aggregation:l2
+prune depth-width-25c num_layers:12,intermediate_size:768                                      # 25 %
