@@ -1,9 +1,10 @@
 """What every ``python -m kdlab.<entry>`` shares: the Hydra app, config validation, the run folder.
 
 The entry points are the modules run with ``python -m``: :mod:`kdlab.run` (train and evaluate),
-:mod:`kdlab.eval` (evaluate a checkpoint), :mod:`kdlab.cache_teacher` (the teacher's top-k on disk) and
-:mod:`kdlab.report` (tables over runs). Each one is a job function ``job(cfg)`` handed to :func:`main`;
-they import the library and this module, never each other.
+:mod:`kdlab.eval` (evaluate a checkpoint), :mod:`kdlab.cache_teacher` (the teacher's top-k on disk),
+:mod:`kdlab.prune` (a student's shape, size and starting loss) and :mod:`kdlab.report` (tables over runs).
+Each one but the last is a job function ``job(cfg)`` handed to :func:`main`; they import the library and
+this module, never each other.
 
 A job's folder is claimed with :func:`open_run_folder` (lock, leftovers of a killed job removed, the
 same-config check, the finished-job check) and its results are written with :func:`write_results`.

@@ -6,6 +6,8 @@ that names the bad value and how to fix it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +26,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def content_key(components, digits: int = 12) -> str:
+    """The hex digest naming what a content-keyed store holds: SHA-1 of ``components`` (plain JSON values)
+    serialised with sorted keys, so equal inputs give one folder whatever the dict order. Every store uses it:
+    fine-tuned teachers, pruned students, the top-k teacher cache, SeqKD's teacher outputs."""
+    return hashlib.sha1(json.dumps(components, sort_keys=True).encode()).hexdigest()[:digits]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ RANDOM_SCHEMA = {
     "hidden_size": Range(8, integer=True),
     "num_layers": Range(1, integer=True),
     "num_heads": Range(1, integer=True),
+    "num_kv_heads": Range(1, integer=True, optional=True),   # llama: grouped-query attention (null: num_heads)
     "intermediate_size": Range(8, integer=True),
     "max_positions": Range(16, integer=True),
     "seed": Range(0, integer=True),
@@ -270,24 +271,41 @@ def load_model(spec, role: str, dtype: torch.dtype, vocab_size: int) -> nn.Modul
     return model
 
 
+def load_config(spec, role: str):
+    """The model config of ``spec``'s source, read without its weights."""
+    if source_kind(spec) == "random":
+        return random_config(spec.random, len(byte_tokenizer()))
+    from transformers import AutoConfig
+
+    folder, kwargs = _pretrained_args(spec, role)
+    return AutoConfig.from_pretrained(folder, **kwargs)
+
+
 def random_model(arch_cfg, vocab_size: int) -> nn.Module:
     """A tiny randomly initialised LLaMA or GPT-2 (the ``tiny`` entries), deterministic in its seed."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(dict(arch_cfg).get("seed", 0))
+        return AutoModelForCausalLM.from_config(random_config(arch_cfg, vocab_size))
+
+
+def random_config(arch_cfg, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig
 
     a = dict(arch_cfg)
     tokens = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     if a["arch"] == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=a["hidden_size"], num_hidden_layers=a["num_layers"],
-                             num_attention_heads=a["num_heads"], num_key_value_heads=a["num_heads"],
+                             num_attention_heads=a["num_heads"],
+                             num_key_value_heads=a.get("num_kv_heads") or a["num_heads"],
                              intermediate_size=a["intermediate_size"], max_position_embeddings=a["max_positions"],
                              tie_word_embeddings=True, **tokens)
     else:
         config = GPT2Config(vocab_size=vocab_size, n_embd=a["hidden_size"], n_layer=a["num_layers"],
                             n_head=a["num_heads"], n_inner=a["intermediate_size"], n_positions=a["max_positions"],
                             **tokens)
-    with torch.random.fork_rng():
-        torch.manual_seed(a.get("seed", 0))
-        return AutoModelForCausalLM.from_config(config)
+    return config
 
 
 def byte_tokenizer():

@@ -22,8 +22,7 @@ from kdlab.loggers import build_logger
 from kdlab.methods import build_job_method, trains_on_cached_teacher
 from kdlab.methods.base import Method
 from kdlab.metrics.evaluate import check_generation_room, evaluate_once
-from kdlab.student import Models, load_models, load_student
-from kdlab.teacher.finetune import finetuned_teacher
+from kdlab.student import Models, derive_models, load_models, load_student
 from kdlab.checkpoint import save_pretrained
 from kdlab.trainer import Trainer
 
@@ -43,8 +42,7 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     cross = is_cross_tokenizer(cfg.divergence.name)
     models = load_models(cfg, runtime, with_teacher=not trains_on_cached_teacher(cfg), cross=cross)
     sets = encode_job_sets(cfg, models.tokenizer, models.teacher_tokenizer, splits, test_sets, cross, runtime.is_main)
-    if models.teacher is not None and cfg.teacher.get("finetune"):   # the student was cut from the teacher as loaded
-        models.teacher = finetuned_teacher(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.teacher_train)
+    models = derive_models(cfg, runtime, models, sets, with_teacher=not trains_on_cached_teacher(cfg))
     logger = build_logger(cfg, run_dir, runtime.is_main)
     method = build_job_method(cfg, models, runtime, sets.train)
     train_items = method.prepare_data(sets.train)

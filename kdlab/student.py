@@ -1,4 +1,5 @@
-"""The student group: a pretrained checkpoint, a subset of the teacher's layers, or random init.
+"""The student group: a pretrained checkpoint, a subset of the teacher's layers, the teacher pruned by
+measured importance (``init: pruned``, :mod:`kdlab.pruning`), or random init.
 
 ``init: teacher_layers`` derives the student from the teacher (as DistilBERT does): the same config
 with ``num_layers`` blocks, evenly spaced over the teacher's depth and always including the first and
@@ -16,14 +17,17 @@ from torch import nn
 
 from kdlab import distributed
 from kdlab.config import ConfigError, OneOf, Range
-from kdlab.modeling import (SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_model, load_tokenizer,
-                            validate_source)
+from kdlab.modeling import (SOURCE_SCHEMA, check_available, check_vocabularies, layer_list, load_config, load_model,
+                            load_tokenizer, source_kind, validate_source)
+from kdlab.pruning import Shape, pruned_student, settings, target_shape, validate_prune
 from kdlab.teacher import load_teacher
+from kdlab.teacher.finetune import finetuned_teacher
 
 SCHEMA = {
     **SOURCE_SCHEMA,
-    "init": OneOf("pretrained", "teacher_layers"),
+    "init": OneOf("pretrained", "teacher_layers", "pruned"),
     "num_layers": Range(1, integer=True, optional=True),
+    "prune": validate_prune,
 }
 
 
@@ -31,6 +35,15 @@ def validate_student(cfg) -> None:
     validate_source("student", cfg, SCHEMA)
     if cfg.init == "teacher_layers" and not cfg.get("num_layers"):
         raise ConfigError("student.init=teacher_layers needs student.num_layers; set student.num_layers=<int>")
+    if cfg.init == "pruned" and cfg.get("num_layers"):
+        raise ConfigError(f"student.num_layers={cfg.num_layers} is for student.init=teacher_layers; a pruned student "
+                          f"takes student.prune.num_layers={cfg.num_layers} (and student.num_layers=null)")
+    if cfg.init == "pruned" and not cfg.get("prune"):
+        raise ConfigError("student.init=pruned needs student.prune, the target shape; set e.g. "
+                          "student.prune={num_layers:15}")
+    if cfg.init != "pruned" and cfg.get("prune"):
+        raise ConfigError(f"student.prune is set but student.init={cfg.init}; set student.init=pruned or "
+                          f"student.prune=null")
 
 
 def kept_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
@@ -85,7 +98,7 @@ def build_student(cfg, teacher: nn.Module, teacher_tokenizer, teacher_name: str,
 class Models:
     """A job's models, on its device."""
     teacher: nn.Module | None     # None: a cached teacher stands in (teacher.cache), or kdlab.eval needs none
-    student: nn.Module
+    student: nn.Module | None     # None until :func:`derive_models` prunes it (student.init=pruned)
     tokenizer: object             # the student's: the teacher's too, unless across tokenizers
     teacher_tokenizer: object | None
 
@@ -99,9 +112,15 @@ def load_models(cfg, runtime, *, with_teacher: bool = True, checkpoint: bool = F
     ``cross``: the student keeps its own tokenizer (a cross-tokenizer divergence). Availability is checked
     first, so a model that is neither cached nor reachable stops the job in seconds.
     """
-    cut = cfg.student.init == "teacher_layers" and not (checkpoint and cfg.student.path)
+    pruned = cfg.student.init == "pruned" and not (checkpoint and cfg.student.path)
+    if pruned and checkpoint:
+        raise ConfigError("kdlab.eval evaluates a pruned student from its folder: pass student.path=<output_dir>/"
+                          "students/<key> (printed by `python -m kdlab.prune` with this config)")
+    cut = cfg.student.init == "teacher_layers" and not (checkpoint and cfg.student.path) or pruned
     if with_teacher or cut:
         check_available(cfg.teacher, "teacher")
+    if pruned:   # a shape the teacher cannot give is refused before its weights load
+        target_shape(cfg.student.prune, Shape.of(load_config(cfg.teacher, "teacher")))
     if not cut:
         check_available(cfg.student, "student")
     if with_teacher or cut:
@@ -113,17 +132,36 @@ def load_models(cfg, runtime, *, with_teacher: bool = True, checkpoint: bool = F
         if teacher_tokenizer is not None:
             check_vocabularies(teacher_tokenizer, tokenizer, cfg.teacher.name, cfg.student.path or cfg.student.name)
         student = load_model(cfg.student, "student", torch.float32, vocab_size=len(tokenizer))
+    elif pruned:   # built by derive_models, from the teacher as loaded or fine-tuned
+        student, tokenizer = None, teacher_tokenizer
     else:
         student, tokenizer = build_student(cfg.student, teacher, teacher_tokenizer, cfg.teacher.name, torch.float32,
                                            own_tokenizer=cross)
-    if not with_teacher:
+    if not with_teacher and not pruned:
         teacher = None
     elif runtime.strategy == "zero3":
         teacher = distributed.shard_teacher(teacher.to(runtime.device), distributed.teacher_deepspeed_config(
             cfg.hardware.dtype, cfg.train, runtime.world_size))
     else:
         teacher.to(runtime.device)
-    return Models(teacher, student.to(runtime.device), tokenizer, teacher_tokenizer)
+    return Models(teacher, student and student.to(runtime.device), tokenizer, teacher_tokenizer)
+
+
+def derive_models(cfg, runtime, models: Models, sets, with_teacher: bool = True) -> Models:
+    """The fine-tuned teacher (``teacher.finetune``) and the pruned student (``student.init=pruned``), each
+    from the teacher its config names: a pruned student is cut before fine-tuning with ``prune.source:
+    teacher``, after it with ``finetuned``. ``with_teacher=False`` (``teacher.cache``): the teacher, loaded only
+    to prune from, is dropped at the end."""
+    source = settings(cfg.student.prune)["source"] if models.student is None else None
+    if source == "teacher":
+        models.student = pruned_student(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.train)
+    if models.teacher is not None and cfg.teacher.get("finetune") and (with_teacher or source == "finetuned"):
+        models.teacher = finetuned_teacher(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.teacher_train)
+    if source == "finetuned":
+        models.student = pruned_student(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.train)
+    if not with_teacher:
+        models.teacher = None
+    return models
 
 
 def load_student(folder, runtime, spec) -> nn.Module:

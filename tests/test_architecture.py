@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kdlab"
-ENTRY_POINTS = {"kdlab.run", "kdlab.eval", "kdlab.cache_teacher", "kdlab.report"}
+ENTRY_POINTS = {"kdlab.run", "kdlab.eval", "kdlab.cache_teacher", "kdlab.prune", "kdlab.report"}
 
 
 def module_name(path: Path) -> str:

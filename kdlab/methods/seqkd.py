@@ -38,7 +38,6 @@ Where kdlab still departs from the paper:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from pathlib import Path
 from kdlab import runlock
 from kdlab.alignment import token_bytes
 from kdlab.checkpoint import atomic_dir
-from kdlab.config import ConfigError, Range, Type, check_section, plain
+from kdlab.config import ConfigError, Range, Type, check_section, content_key, plain
 from kdlab.data import Encoded, left_pad
 from kdlab.distributed import barrier, gather_objects
 from kdlab.generation import SAMPLING_SCHEMA, generate
@@ -89,9 +88,8 @@ class SeqKD(MLE):
         teacher = {k: v for k, v in plain(self.cfg.teacher).items() if k != "cache"}
         key = {"teacher": teacher, "dtype": self.cfg.dtype, "max_length": self.cfg.max_length, "generation": gen,
                "eos": self.ctx.tokenizer.eos_token_id, "cross_tokenizer": self.ctx.cross_tokenizer is not None,
-               "prompts": hashlib.sha1(json.dumps(prompts).encode()).hexdigest()}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(self.cfg.cache_dir).expanduser() / f"{teacher['name']}-{digest}"
+               "prompts": content_key(prompts, digits=40)}
+        return Path(self.cfg.cache_dir).expanduser() / f"{teacher['name']}-{content_key(key, digits=16)}"
 
     def prepare_data(self, train_items: list) -> list:
         """The training items with the gold responses replaced by the teacher's (generated or cached).

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import random
 import shutil
@@ -48,7 +47,7 @@ import torch
 
 from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
-from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under, plain
+from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under, content_key, plain
 from kdlab.modeling import ModelUnavailable, check_folder, lora_config
 from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
 
@@ -122,9 +121,7 @@ def key_components(cfg, train_items) -> dict:
 
 
 def teacher_key(cfg, train_items) -> str:
-    components = key_components(cfg, train_items)
-    digest = hashlib.sha1(json.dumps(components, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.teacher.name}-{cfg.dataset.name}-{digest}"
+    return f"{cfg.teacher.name}-{cfg.dataset.name}-{content_key(key_components(cfg, train_items))}"
 
 
 @contextlib.contextmanager
@@ -144,7 +141,7 @@ def _locked(path: Path, what: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"kdlab: waiting for {path} (another job is fine-tuning {what})", flush=True)
+            print(f"kdlab: waiting for {path} (another job is building {what})", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -233,7 +230,7 @@ def finetuned_teacher(cfg, runtime, teacher, tokenizer, train_items):
                 raise ConfigError(f"teacher.finetune: {folder} is not built yet and fine-tuning runs in one "
                                   f"process; run this job once without hardware={runtime.strategy} (same "
                                   f"output_dir) to build it, then launch the distributed job, which loads it")
-            with _locked(root / f"{key}.lock", f"teacher {cfg.teacher.name}"):
+            with _locked(root / f"{key}.lock", f"the fine-tuned teacher {cfg.teacher.name}"):
                 recover_dir(folder)
                 if not (folder / COMPLETE).exists():
                     check_batch_size(settings(cfg.teacher.finetune)["batch_size"], len(train_items),

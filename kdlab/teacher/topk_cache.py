@@ -35,7 +35,7 @@ import torch
 
 from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json
-from kdlab.config import ConfigError, plain
+from kdlab.config import ConfigError, content_key, plain
 from kdlab.divergences import TopKLogProbs, topk_logprobs
 
 FORMAT = 1
@@ -78,7 +78,7 @@ def key_components(cfg, tokenizer) -> dict:
 
 
 def folder_name(components: dict, top_k: int, dtype: str) -> str:
-    digest = _sha1(json.dumps([components, top_k, dtype], sort_keys=True).encode())[:12]
+    digest = content_key([components, top_k, dtype])
     return f"{components['teacher']['name']}-{components['dataset']['name']}-k{top_k}-{digest}"
 
 

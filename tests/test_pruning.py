@@ -1,0 +1,342 @@
+"""student.init=pruned (kdlab.pruning): importances against a slow reference written from the papers' definitions,
+exact logits when nothing is pruned, GQA groups, the depth criteria against hand computations, the shared store
+(reuse, sweeps, a killed pruning) and bad shapes refused before the teacher loads."""
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from conftest import run_kdlab
+from kdlab.cli import CONF_DIR, validate_config
+from kdlab.config import ConfigError, content_key
+from kdlab.data import Encoded, collate
+from kdlab.pruning import (Shape, block_removal_losses, calibration_loss, kept_blocks, measure_importance, prune_model,
+                           prune_plan, pruned_student, target_shape)
+
+PAD = 0
+
+
+def tiny_llama(heads=6, kv=2, layers=3, hidden=48, inter=40, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=PAD)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, n_inner=24, n_positions=64, pad_token_id=PAD)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def rows(n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(1, 50, (3 + i,), generator=g).tolist()
+        response = torch.randint(1, 50, (2 + (i * 3) % 5,), generator=g).tolist()
+        out.append(Encoded(prompt, response, {}))
+    return out
+
+
+class Tok:
+    pad_token_id = PAD
+
+    def __len__(self):
+        return 50
+
+
+MODELS = {"llama-gqa": tiny_llama, "gpt2": tiny_gpt2}
+
+
+# ---- the slow reference: one unpadded row at a time, hooks, the definitions computed by hand, Python loops ----
+
+def reference_importance(model, items, aggregation):
+    gpt2 = model.config.model_type == "gpt2"
+    blocks = model.transformer.h if gpt2 else model.model.layers
+    n_heads = model.config.n_head if gpt2 else model.config.num_attention_heads
+    head_dim = (model.config.n_embd // n_heads) if gpt2 else model.config.head_dim
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            captured[name] = (args[0] if args else kwargs["hidden_states"])[0], \
+                (output[0] if isinstance(output, tuple) else output)[0]
+        return hook
+
+    handles = []
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_hook(keep(f"block{i}"), with_kwargs=True))
+        attn_out = b.attn.c_proj if gpt2 else b.self_attn.o_proj
+        mlp = b.mlp
+        handles.append(attn_out.register_forward_hook(keep(f"attn{i}"), with_kwargs=True))
+        handles.append(mlp.register_forward_hook(keep(f"mlp{i}"), with_kwargs=True))
+        for j, norm in enumerate((b.ln_1, b.ln_2) if gpt2 else (b.input_layernorm, b.post_attention_layernorm)):
+            handles.append(norm.register_forward_hook(keep(f"norm{i}.{j}"), with_kwargs=True))
+    final = model.transformer.ln_f if gpt2 else model.model.norm
+    handles.append(final.register_forward_hook(keep("final"), with_kwargs=True))
+
+    def norm_by_hand(module, x):
+        if gpt2:
+            mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+            return (x - mu) / torch.sqrt(var + module.eps) * module.weight + module.bias
+        return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + module.variance_epsilon) * module.weight
+
+    L = len(blocks)
+    per_token = {"heads": [[] for _ in range(L)], "neurons": [[] for _ in range(L)], "channels": [],
+                 "cos": [[] for _ in range(L)]}
+    last = [[] for _ in range(L + 1)]
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it.prompt_ids + it.response_ids])
+            model.base_model(input_ids=ids)
+            channel_rows = []
+            for i, b in enumerate(blocks):
+                attn_in, _ = captured[f"attn{i}"]
+                per_token["heads"][i] += [[float(attn_in[t, h * head_dim:(h + 1) * head_dim].norm())
+                                           for h in range(n_heads)] for t in range(attn_in.shape[0])]
+                x, _ = captured[f"mlp{i}"]
+                act = (b.mlp.act(b.mlp.c_fc(x)) if gpt2 else b.mlp.act_fn(b.mlp.gate_proj(x)) * b.mlp.up_proj(x))
+                per_token["neurons"][i] += act.tolist()
+                for j, norm in enumerate((b.ln_1, b.ln_2) if gpt2 else (b.input_layernorm, b.post_attention_layernorm)):
+                    channel_rows.append(norm_by_hand(norm, captured[f"norm{i}.{j}"][0]))
+                x_in, x_out = captured[f"block{i}"]
+                per_token["cos"][i] += [float(torch.dot(x_in[t], x_out[t]) / (x_in[t].norm() * x_out[t].norm()))
+                                        for t in range(x_in.shape[0])]
+                if i == 0:
+                    last[0].append(x_in[-1])
+                last[i + 1].append(x_out[-1])
+            channel_rows.append(norm_by_hand(final, captured["final"][0]))
+            per_token["channels"].append(channel_rows)
+    for h in handles:
+        h.remove()
+
+    def reduce(values):   # values: [token][unit]
+        units = len(values[0])
+        if aggregation == "mean":
+            return [sum(abs(v[u]) for v in values) / len(values) for u in range(units)]
+        return [math.sqrt(sum(v[u] ** 2 for v in values) / len(values)) for u in range(units)]
+
+    n_norms = 2 * L + 1
+    channels = [0.0] * model.config.hidden_size if not gpt2 else [0.0] * model.config.n_embd
+    for k in range(n_norms):
+        tokens = [row for item in per_token["channels"] for row in item[k].tolist()]
+        channels = [a + b for a, b in zip(channels, reduce(tokens))]
+
+    def angle(a, b):
+        return math.acos(max(-1.0, min(1.0, float(torch.dot(a, b) / (a.norm() * b.norm()))))) / math.pi
+
+    angular = [[sum(angle(a, b) for a, b in zip(last[l], last[l + n])) / len(items) for n in range(1, L - l + 1)]
+               for l in range(L)]
+    return {"heads": [reduce(per_token["heads"][i]) for i in range(L)],
+            "neurons": [reduce(per_token["neurons"][i]) for i in range(L)], "channels": channels,
+            "block_influence": [1 - sum(c) / len(c) for c in per_token["cos"]], "angular": angular}
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "l2"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_importances_equal_a_slow_reference_computed_with_hooks(arch, aggregation):
+    model, items = MODELS[arch](), rows()
+    fast = measure_importance(model, items, PAD, aggregation, batch_size=3)   # padded batches
+    slow = reference_importance(model, items, aggregation)
+    for key in ("heads", "neurons", "angular"):
+        for a, b in zip(fast[key], slow[key]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    for key in ("channels", "block_influence"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-4, abs=1e-6), key
+
+
+def full_target(model):
+    shape = Shape.of(model.config)
+    return shape, target_shape({}, shape)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_nothing_pruned_gives_the_teachers_logits_exactly(arch):
+    model, items = MODELS[arch](), rows()
+    shape, target = full_target(model)
+    student = prune_model(model, prune_plan(measure_importance(model, items, PAD, "mean", 2), shape, target,
+                                            "block_influence")).eval()
+    batch = collate(items, PAD)
+    with torch.no_grad():
+        assert torch.equal(student(batch.input_ids, attention_mask=batch.attention_mask).logits,
+                           model(batch.input_ids, attention_mask=batch.attention_mask).logits)
+
+
+def head_outputs(model, ids):
+    """The input of each block's attention output projection: the heads' outputs, side by side."""
+    out = []
+    gpt2 = model.config.model_type == "gpt2"
+    layers = model.transformer.h if gpt2 else model.model.layers
+    handles = [(b.attn.c_proj if gpt2 else b.self_attn.o_proj).register_forward_pre_hook(
+        lambda _, args: out.append(args[0])) for b in layers]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return out
+
+
+@pytest.mark.parametrize("heads,kv,target,kept_kv", [(6, 2, 4, 2), (6, 2, 2, 2), (12, 3, 4, 1), (6, 6, 3, 3)])
+def test_gqa_every_kept_query_head_keeps_its_key_value_group(heads, kv, target, kept_kv):
+    model = tiny_llama(heads=heads, kv=kv, hidden=heads * 8)
+    shape = Shape.of(model.config)
+    want = target_shape({"num_attention_heads": target}, shape)
+    assert (want.num_attention_heads, want.num_key_value_heads, want.head_dim) == (target, kept_kv, shape.head_dim)
+    plan = prune_plan(measure_importance(model, rows(), PAD, "mean", 2), shape, want, "block_influence")
+    group = heads // kv
+    for kept, groups in zip(plan["heads"], plan["kv_heads"]):
+        assert sorted({h // group for h in kept}) == groups              # every kept head's group is kept
+        assert all(sum(h // group == g for h in kept) == target // kept_kv for g in groups)
+    student = prune_model(model, plan)
+    assert (student.config.num_attention_heads, student.config.num_key_value_heads) == (target, kept_kv)
+    # the first block sees the teacher's input: each kept head computes exactly what it computed in the teacher
+    # (its own query, its group's key and value)
+    ids = torch.tensor([rows()[3].prompt_ids + rows()[3].response_ids])
+    d = shape.head_dim
+    t, s = head_outputs(model, ids)[0], head_outputs(student, ids)[0]
+    torch.testing.assert_close(s, torch.cat([t[..., h * d:(h + 1) * d] for h in plan["heads"][0]], dim=-1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_heads_and_hidden_shrink_together_and_the_width_plan_is_used():
+    model = tiny_gpt2()
+    shape = Shape.of(model.config)
+    target = target_shape({"num_attention_heads": 2, "hidden_size": 16, "intermediate_size": 10}, shape)
+    importance = measure_importance(model, rows(), PAD, "mean", 2)
+    plan = prune_plan(importance, shape, target, "block_influence")
+    student = prune_model(model, plan)
+    c = student.config
+    assert (c.n_head, c.n_embd, c.n_inner, c.n_layer) == (2, 16, 10, 3)
+    t, s = model.transformer, student.transformer
+    ch, neurons = plan["channels"], plan["neurons"][1]
+    assert torch.equal(s.wpe.weight, t.wpe.weight[:, ch]) and torch.equal(s.ln_f.bias, t.ln_f.bias[ch])
+    assert torch.equal(s.h[1].mlp.c_fc.weight, t.h[1].mlp.c_fc.weight[ch][:, neurons])
+    q_cols = [h * 8 + i for h in plan["heads"][1] for i in range(8)]
+    assert torch.equal(s.h[1].attn.c_attn.weight[:, 16:32], t.h[1].attn.c_attn.weight[ch][:, [32 + q for q in q_cols]])
+    top = sorted(range(len(importance["channels"])), key=lambda i: -importance["channels"][i])[:16]
+    assert ch == sorted(top)
+    with pytest.raises(ConfigError, match="hidden_size = num_attention_heads x 8"):
+        target_shape({"num_attention_heads": 2}, shape)
+
+
+def test_block_influence_and_angular_pick_what_a_hand_computation_picks():
+    # BI: drop the lowest; angular: the contiguous run of n whose d(x^l, x^{l+n}) is smallest
+    importance = {"block_influence": [0.9, 0.1, 0.5, 0.05, 0.7, 0.3],
+                  "angular": [[0.5, 0.6, 0.7, 0.8, 0.9, 1.0], [0.4, 0.2, 0.6, 0.7, 0.8], [0.3, 0.25, 0.5, 0.6],
+                              [0.1, 0.3, 0.4], [0.45, 0.5], [0.35]]}
+    assert kept_blocks(importance, "block_influence", 4) == [0, 2, 4, 5]
+    assert kept_blocks(importance, "block_influence", 6) == list(range(6))
+    assert kept_blocks(importance, "angular", 5) == [0, 1, 2, 4, 5]       # n=1: block 3 (0.1)
+    assert kept_blocks(importance, "angular", 4) == [0, 3, 4, 5]          # n=2: blocks 1, 2 (0.2)
+    assert kept_blocks(importance, "angular", 3) == [0, 1, 2]             # n=3: 3..5 (0.4) vs 0..2 .7, 1..3 .6, 2..4 .5
+    importance["block_removal_loss"] = [3.0, 2.1, 2.5, 2.0, 2.9, 2.2]
+    assert kept_blocks(importance, "loss", 3) == [0, 2, 4]
+
+
+def test_the_loss_criterion_measures_each_blocks_removal_as_a_hand_built_model_does():
+    model, items, tok = tiny_llama(layers=4), rows(), Tok()
+    losses = block_removal_losses(model, items, tok, batch_size=2)
+    shape, target = full_target(model)
+    full = prune_plan(measure_importance(model, items, PAD, "mean", 2), shape, target, "block_influence")
+    for drop in range(4):
+        keep = [i for i in range(4) if i != drop]
+        plan = {**full, "layers": keep, "heads": [full["heads"][i] for i in keep],
+                "kv_heads": [full["kv_heads"][i] for i in keep], "neurons": [full["neurons"][i] for i in keep]}
+        assert losses[drop] == pytest.approx(calibration_loss(prune_model(model, plan), items, tok, 2), rel=1e-5)
+    assert len(set(losses)) == 4 and calibration_loss(model, items, tok, 2) not in losses
+
+
+def test_unsupported_architectures_and_bad_shapes_are_refused_in_one_line():
+    from transformers import MistralConfig
+
+    with pytest.raises(ConfigError, match="supports the llama family .* and GPT-2") as err:
+        Shape.of(MistralConfig())
+    assert "\n" not in str(err.value)
+    shape = Shape.of(tiny_llama().config)   # 3 blocks, hidden 48, 6 heads / 2 key-value heads
+    for bad, match in (({"num_layers": 4}, "num_layers=4 is more than the teacher's 3"),
+                       ({"num_attention_heads": 5}, "neither a multiple of the teacher's 2 key/value groups"),
+                       ({"hidden_size": 40}, "hidden_size=40 is not divisible by 6 attention heads"),
+                       ({"intermediate_size": 41}, "intermediate_size=41 is more than")):
+        with pytest.raises(ConfigError, match=match) as err:
+            target_shape(bad, shape)
+        assert "\n" not in str(err.value)
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["+experiment=smoke", "student.init=pruned", f"output_dir={tmp_path}",
+                                            *overrides])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("student.prune={num_layers:3}", "num_layers=3 is more than the teacher's 2"),
+    ("student.prune={num_attention_heads:3} +teacher.random.num_kv_heads=2", "neither a multiple of the teacher's 2"),
+    ("student.prune={hidden_size:50,num_attention_heads:4}", "hidden_size=50 is not divisible by"),
+    ("student.prune={depth:3}", "student.prune.depth is not a known key"),
+    ("student.prune=null", "needs student.prune"),
+])
+def test_bad_shapes_are_refused_before_the_teacher_loads(tmp_path, monkeypatch, override, match):
+    import kdlab.student
+    from kdlab.hardware import setup_runtime
+
+    def no_loading(*_):
+        raise AssertionError("the teacher was loaded")
+    monkeypatch.setattr(kdlab.student, "load_teacher", no_loading)
+    cfg = config(tmp_path, *override.split())
+    with pytest.raises(ConfigError, match=match) as err:
+        validate_config(cfg)
+        kdlab.student.load_models(cfg, setup_runtime(cfg.hardware))
+    assert "\n" not in str(err.value)
+
+
+def test_a_killed_pruning_leaves_nothing_that_looks_complete_and_the_rerun_builds_it(tmp_path, monkeypatch):
+    import kdlab.pruning
+    from kdlab.hardware import setup_runtime
+    from kdlab.modeling import byte_tokenizer, random_model
+
+    cfg = config(tmp_path, "student.prune={num_layers:1,intermediate_size:64}")
+    tok = byte_tokenizer()
+    teacher = random_model(cfg.teacher.random, len(tok)).eval()
+    items = rows()
+    real = kdlab.pruning.atomic_write_json
+
+    def killed(path, obj):
+        if path.name == "prune.json":
+            raise KeyboardInterrupt
+        real(path, obj)
+    monkeypatch.setattr(kdlab.pruning, "atomic_write_json", killed)
+    runtime = setup_runtime(cfg.hardware)
+    with pytest.raises(KeyboardInterrupt):
+        pruned_student(cfg, runtime, teacher, tok, items)
+    students = tmp_path / "students"
+    assert not list(students.glob("*/prune.json")) and not [p for p in students.iterdir() if p.is_dir()]
+    monkeypatch.setattr(kdlab.pruning, "atomic_write_json", real)
+    student = pruned_student(cfg, runtime, teacher, tok, items)
+    assert student.training and student.config.num_hidden_layers == 1 and student.config.intermediate_size == 64
+    assert len(list(students.glob("*/prune.json"))) == 1
+
+
+def test_a_pruned_student_is_shared_by_a_second_job_and_a_two_job_sweep(tmp_path):
+    prune = ["+experiment=smoke", "student.init=pruned", "student.prune={num_layers:1,num_attention_heads:2}",
+             f"output_dir={tmp_path}", "report.teacher=false"]
+    first = run_kdlab(*prune, module="kdlab.prune")
+    assert first.stdout.count("kdlab: pruned tiny") == 1 and "2 heads / 2 key-value heads" in first.stdout
+    folders = [p for p in (tmp_path / "students").iterdir() if (p / "prune.json").exists()]
+    assert len(folders) == 1
+    second = run_kdlab(*prune, module="kdlab.prune")
+    assert "kdlab: pruned" not in second.stdout and "measuring" not in second.stdout
+    sweep = run_kdlab("-m", *prune[:-1], "method=sft", "seed=1,2", "eval.models=[student_init]")
+    assert "kdlab: pruned" not in sweep.stdout
+    sweep_other = run_kdlab("-m", *prune[:2], "student.prune={num_layers:1,intermediate_size:64}",
+                            f"output_dir={tmp_path / 'b'}", "method=sft", "seed=1,2", "eval.models=[student_init]")
+    assert sweep_other.stdout.count("kdlab: pruned tiny") == 1
+    assert len([p for p in (tmp_path / "b" / "students").iterdir() if (p / "prune.json").exists()]) == 1
+
+
+def test_content_key_is_one_hash_of_the_components_whatever_their_order():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2}) and len(content_key({"a": 1})) == 12
