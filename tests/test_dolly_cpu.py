@@ -15,8 +15,9 @@ def test_dolly_cpu_composes_for_every_method(method):
         cfg = compose("config", ["+experiment=dolly-cpu", f"method={method}"])
     validate_config(cfg)
     assert cfg.dataset.name == "dolly" and cfg.dataset.path.endswith("shared/data/dolly-1k")
-    assert cfg.teacher.name == "smollm2-135m" and cfg.teacher.finetune.max_steps > 0
-    assert cfg.student.init == "teacher_layers" and cfg.student.num_layers == 15
+    assert cfg.teacher.name == "smollm2-135m" and cfg.teacher.finetune.epochs == 1
+    assert cfg.student.name == "smollm2-pruned-50" and cfg.student.init == "pruned"   # measured: RESULTS.md
+    assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.eval.test_examples >= 100
     assert list(cfg.eval.datasets) == ["sni", "unni"] and cfg.eval.analysis.enabled
 
 
@@ -32,7 +33,8 @@ def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
-         "teacher.finetune.batch_size=4", "teacher.finetune.save_every=1", "train.max_steps=2",
+         "teacher.finetune.epochs=null", "teacher.finetune.batch_size=4", "teacher.finetune.save_every=1",
+         "train.max_steps=2", "train.epochs=null", "train.eval_every=null",
          "train.batch_size=4", "train.save_every=1", "train.valid_examples=4", "eval.test_examples=4",
          "eval.batch_size=4", "eval.max_new_tokens=8", "eval.analysis.max_examples=2",
          "hardware.num_threads=2"]
@@ -40,7 +42,8 @@ SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max
 
 def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
     """The experiment end to end at a few rows and steps (the real Dolly, S-NI and UnNI files and the embedded
-    teacher, fine-tuned once and shared by both jobs), then RESULTS.md's report command on its folder."""
+    teacher, fine-tuned once and shared by both jobs, the student pruned from it once), then RESULTS.md's
+    report command on its folder."""
     import json
 
     from conftest import run_kdlab
@@ -54,8 +57,9 @@ def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
         assert set(r["eval"]["student"]) == {"dolly", "sni", "unni"}
         assert all(0 <= m["rougeL"] <= 100 and m["loss"] > 0 for m in r["eval"]["student"].values())
     assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1   # one teacher for both methods
+    assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1      # one pruning for both
     proc = run_kdlab(str(tmp_path / "multirun" / "dolly-cpu"), module="kdlab.report")
     report = (tmp_path / "multirun" / "dolly-cpu" / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-15l |")]
+    rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-pruned-50 |")]
     assert sorted(row.split(" | ")[2].split(" ")[0] for row in rows) == ["kd", "sft"], proc.stdout[-2000:]
 
