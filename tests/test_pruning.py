@@ -340,3 +340,39 @@ def test_a_pruned_student_is_shared_by_a_second_job_and_a_two_job_sweep(tmp_path
 def test_content_key_is_one_hash_of_the_components_whatever_their_order():
     assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
     assert content_key({"a": 1}) != content_key({"a": 2}) and len(content_key({"a": 1})) == 12
+
+
+def test_kdlab_prune_cuts_a_gpt2_teacher_and_reports_sizes_and_losses(tmp_path):
+    import json
+
+    out = run_kdlab("+experiment=smoke", "teacher=tiny-gpt2", "student=tiny-gpt2", "student.init=pruned",
+                    "student.prune={num_layers:1,num_attention_heads:2,hidden_size:32,intermediate_size:16}",
+                    f"output_dir={tmp_path}", module="kdlab.prune")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["shape"] == {"arch": "gpt2", "num_layers": 1, "hidden_size": 32, "intermediate_size": 16,
+                               "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
+    assert report["student_block_params"] < report["teacher_block_params"] < report["teacher_params"]
+    assert set(report["student_loss"]) == set(report["teacher_loss"]) == {"calibration", "valid", "test"}
+    assert "transformer blocks" in out.stdout and "calibration loss" in out.stdout
+
+
+def test_source_finetuned_prunes_the_fine_tuned_teacher(tmp_path):
+    from safetensors.torch import load_file
+
+    ft = "teacher.finetune={max_steps:4,lr:3e-2,batch_size:4,save_every:4}"
+    common = ["+experiment=smoke", ft, "student.init=pruned", f"output_dir={tmp_path}", "report.teacher=false",
+              "report.splits=[calibration]"]
+    run_kdlab(*common, "student.prune={num_layers:1,source:finetuned}", module="kdlab.prune")
+    run_kdlab(*common, "student.prune={num_layers:1,source:teacher}", module="kdlab.prune")
+    teacher_dir = next(p for p in (tmp_path / "teachers").iterdir() if (p / "finetune.json").exists())
+    embedding = "model.embed_tokens.weight"
+    finetuned = load_file(teacher_dir / "model.safetensors")[embedding]
+    students = {json_source(p): load_file(p / "model.safetensors")[embedding]
+                for p in (tmp_path / "students").iterdir() if (p / "prune.json").exists()}
+    assert torch.equal(students["finetuned"], finetuned) and not torch.equal(students["teacher"], finetuned)
+
+
+def json_source(folder):
+    import json
+
+    return json.loads((folder / "prune.json").read_text())["components"]["prune"]["source"]
