@@ -49,6 +49,11 @@ class ModelUnavailable(RuntimeError):
     """A model is neither in the local cache nor reachable; the message is one actionable line."""
 
 
+class TeacherFault(ModelUnavailable):
+    """A served teacher stopped answering (or answered nonsense) during training: the trainer writes the
+    checkpoint of the last complete step and the job ends with this one line (:mod:`kdlab.teacher.served`)."""
+
+
 def validate_source(role: str, cfg, schema: dict) -> None:
     """Check a teacher or student section against ``schema`` (a superset of :data:`SOURCE_SCHEMA`)."""
     check_section(role, cfg, schema)

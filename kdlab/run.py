@@ -18,10 +18,11 @@ from kdlab.data import JobSets, encode_job_sets, eval_dataset_cfgs, load_test_se
 from kdlab.divergences import is_cross_tokenizer
 from kdlab.hardware import Runtime, start_runtime
 from kdlab.loggers import build_logger
-from kdlab.methods import build_job_method, trains_on_cached_teacher
+from kdlab.methods import build_job_method, method_class
 from kdlab.methods.base import Method
 from kdlab.metrics.evaluate import evaluate_once
 from kdlab.student import Models, load_models, load_student
+from kdlab.teacher import teacher_in_memory
 from kdlab.teacher.finetune import finetuned_teacher
 from kdlab.checkpoint import save_pretrained
 from kdlab.trainer import Trainer
@@ -40,7 +41,8 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     splits = load_training_splits(cfg)
     test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
     cross = is_cross_tokenizer(cfg.divergence.name)
-    models = load_models(cfg, runtime, with_teacher=not trains_on_cached_teacher(cfg), cross=cross)
+    models = load_models(cfg, runtime, with_teacher=teacher_in_memory(cfg, method_class(cfg.method.name)),
+                         cross=cross)
     sets = encode_job_sets(cfg, models.tokenizer, models.teacher_tokenizer, splits, test_sets, cross, runtime.is_main)
     if models.teacher is not None and cfg.teacher.get("finetune"):   # the student was cut from the teacher as loaded
         models.teacher = finetuned_teacher(cfg, runtime, models.teacher, models.teacher_tokenizer, sets.teacher_train)

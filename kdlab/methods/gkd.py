@@ -41,7 +41,10 @@ from kdlab.methods.base import LossOutput, Method
 class GKD(Method):
     name = "gkd"
     schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"), **SAMPLING_SCHEMA}
-    cross_tokenizer = True
+    # the teacher's distribution on the student's own samples (live or served); across tokenizers its full
+    # distribution over its own tokens (ULD)
+    teacher_needs = frozenset({"distribution"})
+    teacher_needs_across = frozenset({"full_distribution", "other_tokenizer"})
 
     def loss(self, batch, step):
         on_policy = bool(torch.rand(()) < self.cfg.lmbda)

@@ -20,8 +20,14 @@ from kdlab.methods.base import LossOutput, Method
 class KD(Method):
     name = "kd"
     schema = {**Method.schema, "alpha": Range(0, 1)}
-    uses_teacher_cache = True
-    cross_tokenizer = True
+    # the teacher's distribution at the data's responses (top-k from a cache or a server); across tokenizers
+    # the full distribution over the teacher's own tokens (ULD), on the response re-tokenised for it
+    teacher_needs = frozenset({"data_distribution"})
+    teacher_needs_across = frozenset({"full_distribution", "other_tokenizer"})
+
+    def look_ahead(self, batch):
+        if self.ctx.cross_tokenizer is None:
+            self.teacher_io.prefetch(batch)
 
     def loss(self, batch, step):
         student = self.logits(self.student, batch)
