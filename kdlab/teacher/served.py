@@ -21,10 +21,12 @@ log-probabilities give the teacher's top-k at every position. Two dialects, each
   log-prob under that same distribution, so it is never read. Entry 0 is null (row 0 is unknown), and
   entries of the server's BOS token are left out (counted back from the echoed ``tokens``). The server's
   tokenisation must equal kdlab's: checked by ``/extras/tokenize`` at start and, per request, by the
-  echoed token texts. ``top_logprobs`` is keyed by token *text*: a text naming one token id maps to it; a
-  text naming several (llama.cpp writes special tokens and lone UTF-8 bytes as "") stands for the
-  sequence's actual next token when that is one of them (the EOS ending each response), and the request
-  is refused otherwise.
+  echoed token texts. ``top_logprobs`` is keyed by token *text*, which llama.cpp prints dropping bytes that
+  are not UTF-8 and writing special tokens as "": a text maps to the one token that spells exactly it
+  (" " is the space, not " " + a lone UTF-8 lead byte); a text that no token spells exactly (""; 291 of
+  SmolLM2's ids print as it) stands for the sequence's actual next token when that is one of its tokens
+  (the EOS ending each response), and is otherwise left out: which token it was is lost, so its mass stays
+  in the tail (``EchoDialect.unresolved`` counts these). A text no token prints as is refused.
 
 ``dialect: auto`` takes ``vllm`` when ``/v1/models`` says ``owned_by: vllm``, else ``openai-echo``.
 
@@ -154,10 +156,7 @@ class Dialect:
     name: str
 
     def __init__(self, tokenizer):
-        from kdlab.alignment import token_bytes
-
         self.tokenizer = tokenizer
-        self.texts = [b.decode("utf-8", errors="ignore") for b in token_bytes(tokenizer)]
 
     def scoring_body(self, ids: list[int], k: int, model: str) -> dict:
         raise NotImplementedError
@@ -200,10 +199,22 @@ class EchoDialect(Dialect):
     alignment = "top_logprobs[i] is the distribution of token i + 1 (shifted by one; entry 0 null): row t is entry t"
 
     def __init__(self, tokenizer):
+        from kdlab.alignment import token_bytes
+
         super().__init__(tokenizer)
-        self.ids_of: dict[str, list[int]] = {}
-        for i, text in enumerate(self.texts):
-            self.ids_of.setdefault(text, []).append(i)
+        # the server's text of each token: its bytes decoded dropping what is not UTF-8, special tokens ""
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        spelled = token_bytes(tokenizer)
+        self.texts = ["" if i in special else b.decode("utf-8", errors="ignore") for i, b in enumerate(spelled)]
+        # a text names the tokens that spell exactly it (" " the space, not " " + a lone UTF-8 lead byte); only
+        # a text no token spells exactly ("" for special tokens and lone bytes) names all that print as it
+        exact, printed = {}, {}
+        for i, b in enumerate(spelled):
+            printed.setdefault(self.texts[i], []).append(i)
+            if i not in special and b.decode("utf-8", errors="ignore").encode() == b:
+                exact.setdefault(self.texts[i], []).append(i)
+        self.ids_of = {text: exact.get(text, ids) for text, ids in printed.items()}
+        self.unresolved = 0     # keys left out because they named several ids, none the actual next token
 
     def scoring_body(self, ids, k, model):
         # temperature 0 and no penalties: the one generated token must not disturb anything
@@ -213,14 +224,14 @@ class EchoDialect(Dialect):
     def positions(self, echoed: list[str], ids: list[int]) -> list[int]:
         """The position in ``ids`` of each echoed entry: all of them, or all but the tokenizer's BOS, which
         llama.cpp leaves out; the echoed texts must be kdlab's tokens' (the same tokenisation)."""
-        prompt_entries = len(echoed) - 1     # the generated token comes last
         bos = self.tokenizer.bos_token_id
         for skip in (None, bos):
             positions = [i for i, t in enumerate(ids) if t != skip]
-            if len(positions) == prompt_entries:
+            # llama-cpp-python 0.3 echoes the prompt's tokens only (the generated one was never evaluated)
+            if len(echoed) in (len(positions), len(positions) + 1):
                 break
         else:
-            raise ValueError(f"the server echoed {prompt_entries} prompt tokens for kdlab's {len(ids)}: it "
+            raise ValueError(f"the server echoed {len(echoed)} tokens for kdlab's {len(ids)}-token prompt: it "
                              f"tokenises the text differently")
         for n, i in enumerate(positions):
             if echoed[n] != self.texts[ids[i]]:
@@ -235,20 +246,23 @@ class EchoDialect(Dialect):
             raise ValueError("logprobs lacks tokens/top_logprobs of equal length (is echo supported?)")
         rows: list[dict[int, float] | None] = [None] * (len(ids) - 1)
         for n, i in enumerate(self.positions(echoed, ids)):
-            if i == len(ids) - 1 or tops[n] is None:
+            if i == len(ids) - 1 or tops[n] is None:   # the generated token's row; entry 0 (nulled)
                 continue
             if not isinstance(tops[n], dict) or not tops[n]:
                 raise ValueError(f"top_logprobs[{n}] is {tops[n]!r}, not a mapping of token texts")
             row = {}
             for text, value in tops[n].items():
-                candidates = self.ids_of.get(text, [])
+                value = _finite_logprob(value, f"top_logprobs[{n}][{text!r}]")
+                candidates = self.ids_of.get(text)
+                if candidates is None:
+                    raise ValueError(f"top_logprobs[{n}] key {text!r} is no token of kdlab's tokenizer: the server's "
+                                     f"vocabulary differs")
                 if len(candidates) > 1 and ids[i + 1] in candidates:
                     candidates = [ids[i + 1]]
-                if len(candidates) != 1:
-                    named = f"{len(candidates)} token ids" if candidates else "no token of kdlab's tokenizer"
-                    raise ValueError(f"top_logprobs[{n}] key {text!r} names {named}; use a server that returns "
-                                     f"token ids (dialect=vllm)")
-                row[candidates[0]] = _finite_logprob(value, f"top_logprobs[{n}][{text!r}]")
+                if len(candidates) == 1:
+                    row[candidates[0]] = value
+                else:   # which token it was is lost: its mass stays in the tail, outside the top-k
+                    self.unresolved += 1
             rows[i] = row
         return rows
 
@@ -267,7 +281,12 @@ class ServedTeacher(Teacher):
 
     # -- scoring -----------------------------------------------------------------------------------
     def score(self, ids: list[int]) -> list[dict[int, float] | None]:
-        response = self.client.call("/v1/completions", self.dialect.scoring_body(ids, self.top_k, self.model))
+        try:
+            body = self.dialect.scoring_body(ids, self.top_k, self.model)
+        except UnicodeDecodeError:
+            raise TeacherFault(f"teacher server {self.client.url} ({self.dialect.name}) takes text, and a sequence's "
+                               f"tokens are not UTF-8 text; use a server that takes token ids (dialect=vllm)") from None
+        response = self.client.call("/v1/completions", body)
         try:
             return self.dialect.rows(response, ids)
         except (ValueError, KeyError, IndexError, TypeError) as err:
@@ -314,7 +333,7 @@ class ServedTeacher(Teacher):
             raise ConfigError(f"top-{k} asked of a server queried for teacher.serve.top_k={self.top_k}; set "
                               f"teacher.serve.top_k={k} or ask for fewer")
         rows = self._response_rows(batch)
-        values = torch.full((len(rows), k), LOG_ZERO, dtype=torch.float32)
+        values = torch.full((len(rows), k), LOG_ZERO, dtype=torch.float64)   # 1 - mass cancels: float64
         indices = torch.zeros((len(rows), k), dtype=torch.long)
         for r, row in enumerate(rows):
             top = sorted(row.items(), key=lambda kv: -kv[1])[:k]
@@ -324,9 +343,9 @@ class ServedTeacher(Teacher):
             indices[r] = torch.tensor(ids)
             values[r, : len(top)] = torch.tensor([v for _, v in top])
         kept = torch.logsumexp(values, dim=-1, keepdim=True)
-        tail = torch.log1p(-kept.exp().clamp(max=1 - 1e-7)).squeeze(-1)
+        tail = torch.log(-torch.expm1(kept.clamp(max=-1e-30))).squeeze(-1)
         device = batch.input_ids.device
-        return TopKLogProbs((values - kept).to(device), indices.to(device), tail.to(device))
+        return TopKLogProbs((values - kept).float().to(device), indices.to(device), tail.float().to(device))
 
     # -- generation (SeqKD) --------------------------------------------------------------------------
     def generate(self, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, do_sample: bool = False,
