@@ -18,22 +18,27 @@ log-probabilities give the teacher's top-k at every position. Two dialects, each
 - ``openai-echo`` (llama.cpp's servers, e.g. llama-cpp-python's with ``--logits_all true``): the prompt is
   text, ``echo: true, logprobs: k``. Its echoed log-probs are *shifted by one*: ``top_logprobs[i]`` is the
   distribution that predicts token ``i + 1`` (row ``i``), and ``token_logprobs[i]`` is token ``i``'s
-  log-prob under that same distribution, so it is never read. Entry 0 is null (row 0 is unknown), and
-  entries of the server's BOS token are left out (counted back from the echoed ``tokens``). The server's
+  log-prob under that same distribution, so it is never read. Except after a leading BOS token, which
+  llama-cpp-python drops from the echo but not from the model's rows: then entry ``i`` is row ``i`` of
+  the prompt *with* the BOS, the distribution of the echoed token ``i`` itself (:meth:`EchoDialect.entries`;
+  chat templates such as SmolLM2's start with their BOS, ``<|im_start|>``). Entry 0 is null (row 0 is
+  unknown), and entries of BOS tokens are left out. The server's
   tokenisation must equal kdlab's: checked by ``/extras/tokenize`` at start and, per request, by the
   echoed token texts. ``top_logprobs`` is keyed by token *text*, which llama.cpp prints dropping bytes that
-  are not UTF-8 and writing special tokens as "": a text maps to the one token that spells exactly it
-  (" " is the space, not " " + a lone UTF-8 lead byte); a text that no token spells exactly (""; 291 of
-  SmolLM2's ids print as it) stands for the sequence's actual next token when that is one of its tokens
-  (the EOS ending each response), and is otherwise left out: which token it was is lost, so its mass stays
-  in the tail (``EchoDialect.unresolved`` counts these). A text no token prints as is refused.
+  are not UTF-8 and writing special tokens as "", so one text can stand for several tokens (291 of
+  SmolLM2's ids print as "", 38 as " ": the space and " " + a lone UTF-8 lead byte such as the start of
+  a curly quote) and the dict keeps one value per text. A text that one token prints as maps to it; a
+  text several print as stands for the sequence's actual next token when that is one of them (the EOS
+  ending each response), and is otherwise left out: which token it was is lost, so its mass stays in the
+  tail (``EchoDialect.unresolved`` counts these; mapping " " to the space instead put a curly quote's
+  log-prob on it, 3 nats off). A text no token prints as is refused.
 
 ``dialect: auto`` takes ``vllm`` when ``/v1/models`` says ``owned_by: vllm``, else ``openai-echo``.
 
 Start-up probe (:func:`connect`), before anything trains: the server answers, serves ``model``, tokenises a
 fixed sentence as kdlab does (same vocabulary), and its distributions, aligned as the dialect says, make
 the sentence's actual next tokens likely (at least half in the top-k, and far more than under the
-neighbouring alignments) with finite log-probs. Any failure is one line naming the URL and the problem.
+neighbouring alignments) with finite log-probs, for the sentence alone and after the BOS token. Any failure is one line naming the URL and the problem.
 
 What it gives (:class:`ServedTeacher`): the top-k, renormalised over the k tokens as divergences take it,
 with the log of the mass outside them (``TopKLogProbs.tail``), at any sequence's positions (the data's,
@@ -206,38 +211,33 @@ class EchoDialect(Dialect):
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         spelled = token_bytes(tokenizer)
         self.texts = ["" if i in special else b.decode("utf-8", errors="ignore") for i, b in enumerate(spelled)]
-        # a text names the tokens that spell exactly it (" " the space, not " " + a lone UTF-8 lead byte); only
-        # a text no token spells exactly ("" for special tokens and lone bytes) names all that print as it
-        exact, printed = {}, {}
-        for i, b in enumerate(spelled):
-            printed.setdefault(self.texts[i], []).append(i)
-            if i not in special and b.decode("utf-8", errors="ignore").encode() == b:
-                exact.setdefault(self.texts[i], []).append(i)
-        self.ids_of = {text: exact.get(text, ids) for text, ids in printed.items()}
+        self.ids_of: dict[str, list[int]] = {}     # a text names every token that prints as it
+        for i, text in enumerate(self.texts):
+            self.ids_of.setdefault(text, []).append(i)
         self.unresolved = 0     # keys left out because they named several ids, none the actual next token
+        self.bos = tokenizer.bos_token_id   # the token whose echoed entries llama.cpp leaves out
 
     def scoring_body(self, ids, k, model):
         # temperature 0 and no penalties: the one generated token must not disturb anything
         return {"model": model, "prompt": self.text(ids), "max_tokens": 1, "echo": True, "logprobs": k,
                 "temperature": 0.0, "repeat_penalty": 1.0}
 
-    def positions(self, echoed: list[str], ids: list[int]) -> list[int]:
-        """The position in ``ids`` of each echoed entry: all of them, or all but the tokenizer's BOS, which
-        llama.cpp leaves out; the echoed texts must be kdlab's tokens' (the same tokenisation)."""
-        bos = self.tokenizer.bos_token_id
-        for skip in (None, bos):
-            positions = [i for i, t in enumerate(ids) if t != skip]
-            # llama-cpp-python 0.3 echoes the prompt's tokens only (the generated one was never evaluated)
-            if len(echoed) in (len(positions), len(positions) + 1):
-                break
-        else:
+    def entries(self, echoed: list[str], ids: list[int]) -> list[int]:
+        """The row (the position whose next token it predicts) of each echoed entry, as llama-cpp-python 0.3
+        lays them out (``_create_completion``): a leading BOS is dropped from the echoed tokens but not from the
+        model's rows, so entry ``n`` of token ``all_tokens[idx]`` (``all_tokens`` = ``ids`` without that BOS)
+        holds row ``idx``; entries of BOS tokens are left out; only the prompt's tokens are echoed (the
+        generated one is never evaluated). The echoed texts must be kdlab's tokens' (the same tokenisation)."""
+        lead = 1 if ids and ids[0] == self.bos else 0
+        rows = [idx for idx in range(len(ids) - lead) if ids[idx + lead] != self.bos]
+        if len(echoed) not in (len(rows), len(rows) + 1):
             raise ValueError(f"the server echoed {len(echoed)} tokens for kdlab's {len(ids)}-token prompt: it "
                              f"tokenises the text differently")
-        for n, i in enumerate(positions):
-            if echoed[n] != self.texts[ids[i]]:
+        for n, idx in enumerate(rows):
+            if echoed[n] != self.texts[ids[idx + lead]]:
                 raise ValueError(f"the server's token {n} is {echoed[n]!r} where kdlab's is "
-                                 f"{self.texts[ids[i]]!r}: it tokenises the text differently")
-        return positions
+                                 f"{self.texts[ids[idx + lead]]!r}: it tokenises the text differently")
+        return rows
 
     def rows(self, response, ids):
         logprobs = response["choices"][0].get("logprobs") or {}
@@ -245,7 +245,7 @@ class EchoDialect(Dialect):
         if not isinstance(echoed, list) or not isinstance(tops, list) or len(echoed) != len(tops):
             raise ValueError("logprobs lacks tokens/top_logprobs of equal length (is echo supported?)")
         rows: list[dict[int, float] | None] = [None] * (len(ids) - 1)
-        for n, i in enumerate(self.positions(echoed, ids)):
+        for n, i in enumerate(self.entries(echoed, ids)):
             if i == len(ids) - 1 or tops[n] is None:   # the generated token's row; entry 0 (nulled)
                 continue
             if not isinstance(tops[n], dict) or not tops[n]:
@@ -442,17 +442,20 @@ def connect(serve, tokenizer) -> ServedTeacher:
         raise ServerError(f"teacher server {url} tokenises differently from the student's tokenizer (a probe "
                           f"sentence: {server_ids[:8] if isinstance(server_ids, list) else server_ids}... vs "
                           f"kdlab's {ids[:8]}...): serve a model with the student's vocabulary")
-    teacher = ServedTeacher(client, dialect, model, cfg["top_k"], cfg["max_concurrency"])
-    try:
-        rows = teacher.dialect.rows(client.call("/v1/completions", dialect.scoring_body(ids, cfg["top_k"], model),
-                                                retries=0), ids)
-    except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise ServerError(f"teacher server {url} ({name}): malformed log-probs on the probe sentence: {err}") from None
-    except TeacherFault as err:
-        raise ServerError(str(err)) from None
-    short = [t for t, row in enumerate(rows) if row is not None and len(row) < min(cfg["top_k"], 2)]
-    if short:
-        raise ServerError(f"teacher server {url}: {len(short)} probe positions have fewer than 2 log-probs "
-                          f"(asked for top_k={cfg['top_k']}); is --logits_all on?")
-    check_alignment(rows, ids, cfg["top_k"], url, dialect)
-    return teacher
+    # the sentence alone, and after the BOS token where there is one (chat templates start with it)
+    bos = tokenizer.bos_token_id
+    for probe in [ids] + ([[bos] + ids] if bos is not None and bos != tokenizer.eos_token_id else []):
+        try:
+            rows = dialect.rows(client.call("/v1/completions", dialect.scoring_body(probe, cfg["top_k"], model),
+                                            retries=0), probe)
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise ServerError(f"teacher server {url} ({name}): malformed log-probs on the probe sentence: {err}") \
+                from None
+        except TeacherFault as err:
+            raise ServerError(str(err)) from None
+        short = [t for t, row in enumerate(rows) if row is not None and len(row) < min(cfg["top_k"], 2)]
+        if short:
+            raise ServerError(f"teacher server {url}: {len(short)} probe positions have fewer than 2 log-probs "
+                              f"(asked for top_k={cfg['top_k']}); is --logits_all on?")
+        check_alignment(rows, probe, cfg["top_k"], url, dialect)
+    return ServedTeacher(client, dialect, model, cfg["top_k"], cfg["max_concurrency"])
