@@ -117,6 +117,19 @@ def test_echo_token_texts_that_name_several_ids():
         dialect.rows(doc, ids)
 
 
+@needs_smollm2
+def test_rows_of_the_servers_own_tokenisation_are_realigned_by_byte(smollm2):
+    """llama.cpp's SmolLM2 tokenizer writes "?\\n\\n8" as "?", "\\n\\n", "8", transformers' as "?", "\\n", "\\n",
+    "8": kdlab's row after each token is the server's row after the token ending at the same byte, none inside."""
+    _, tok = smollm2
+    one = {t: tok.convert_tokens_to_ids(tok.tokenize(t))[0] for t in ("?", "\n", "\n\n", "8")}
+    kdlab_ids, server_ids = [one["?"], one["\n"], one["\n"], one["8"]], [one["?"], one["\n\n"], one["8"]]
+    assert tok.encode("?\n\n8", add_special_tokens=False) in (kdlab_ids, server_ids) and one["\n\n"] != one["\n"]
+    after_question, after_newlines = {1: -0.5}, {2: -0.7}
+    assert EchoDialect(tok).realign([after_question, after_newlines], server_ids, kdlab_ids) == [
+        after_question, None, after_newlines]
+
+
 # -- a vLLM-shaped server in this process ------------------------------------------------------------------
 class VLLMDouble:
     """vLLM's documents computed by an in-process model: ``/v1/models``, ``/tokenize``, ``/v1/completions``
@@ -219,7 +232,7 @@ def test_the_probe_accepts_a_vllm_server_whose_top_k_is_the_teachers(double, smo
 
     model, tok = smollm2
     teacher = connect(serve(double.url, top_k=8), tok)
-    assert teacher.dialect.name == "vllm" and teacher.model == "teacher"
+    assert teacher.dialect.name == "vllm" and teacher.model_name == "teacher" and teacher.model is None
     cfg = run_cfg()
     items = encode(load_splits(cfg.dataset, 1)["train"][:3], tok, "chat", 256, 320)
     batch = collate(items, tok.pad_token_id)
@@ -251,6 +264,29 @@ def test_the_probe_refuses_what_cannot_work_in_one_line(double, smollm2):
     with pytest.raises(ServerError, match=rf"teacher server http://127.0.0.1:{port} is unreachable .*start it"):
         connect(serve(f"http://127.0.0.1:{port}"), tok)
     assert "\n" not in str(ModelUnavailable("x"))
+
+
+@needs_smollm2
+def test_cache_teacher_builds_its_cache_from_a_server(double, smollm2, tmp_path):
+    """``python -m kdlab.cache_teacher teacher.serve.url=...``: the same cache as from the live teacher (the
+    server runs the same model here), and the same folder: where the teacher runs is not part of its key."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from kdlab.cache_teacher import cache_teacher
+
+    overrides = ["teacher=smollm2-135m", "student=smollm2-6l", "teacher.finetune=null", "dataset.sizes.train=6",
+                 "dataset.max_prompt_length=128", "dataset.max_length=160", "cache.top_k=8", "cache.dtype=float32",
+                 "hardware.num_threads=1"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        served_cfg = compose("cache_teacher", [*overrides, f"cache.out={tmp_path / 'served'}",
+                                               f"teacher.serve.url={double.url}", "teacher.serve.top_k=8"])
+        live_cfg = compose("cache_teacher", [*overrides, f"cache.out={tmp_path / 'live'}"])
+    served, live = cache_teacher(served_cfg), cache_teacher(live_cfg)
+    assert served.name == live.name
+    assert json.loads((served / "manifest.json").read_text())["teacher_dtype"] == "served"
+    assert np.array_equal(np.load(served / "indices-00000.npy"), np.load(live / "indices-00000.npy"))
+    assert np.allclose(np.load(served / "values-00000.npy"), np.load(live / "values-00000.npy"), atol=1e-4)
 
 
 def test_requests_are_retried_with_backoff_then_fault():

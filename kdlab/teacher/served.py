@@ -19,26 +19,31 @@ log-probabilities give the teacher's top-k at every position. Two dialects, each
   text, ``echo: true, logprobs: k``. Its echoed log-probs are *shifted by one*: ``top_logprobs[i]`` is the
   distribution that predicts token ``i + 1`` (row ``i``), and ``token_logprobs[i]`` is token ``i``'s
   log-prob under that same distribution, so it is never read. Except after a leading BOS token, which
-  llama-cpp-python drops from the echo but not from the model's rows: then entry ``i`` is row ``i`` of
-  the prompt *with* the BOS, the distribution of the echoed token ``i`` itself (:meth:`EchoDialect.entries`;
+  llama-cpp-python drops from the echo but not from the model's rows: then entry ``i`` is row ``i`` of the
+  prompt *with* the BOS, the distribution of the echoed token ``i`` itself (:meth:`EchoDialect.entries`;
   chat templates such as SmolLM2's start with their BOS, ``<|im_start|>``). Entry 0 is null (row 0 is
-  unknown), and entries of BOS tokens are left out. The server's
-  tokenisation must equal kdlab's: checked by ``/extras/tokenize`` at start and, per request, by the
-  echoed token texts. ``top_logprobs`` is keyed by token *text*, which llama.cpp prints dropping bytes that
-  are not UTF-8 and writing special tokens as "", so one text can stand for several tokens (291 of
-  SmolLM2's ids print as "", 38 as " ": the space and " " + a lone UTF-8 lead byte such as the start of
-  a curly quote) and the dict keeps one value per text. A text that one token prints as maps to it; a
-  text several print as stands for the sequence's actual next token when that is one of them (the EOS
-  ending each response), and is otherwise left out: which token it was is lost, so its mass stays in the
-  tail (``EchoDialect.unresolved`` counts these; mapping " " to the space instead put a curly quote's
-  log-prob on it, 3 nats off). A text no token prints as is refused.
+  unknown), and entries of BOS tokens are left out. The server scores its own tokenisation of the text
+  (``/extras/tokenize``, and the echoed token texts must be those tokens'): where it differs from kdlab's
+  (llama.cpp's SmolLM2 tokenizer merges "?\n\n8" as "?", "\n\n", "8", transformers' as "?", "\n", "\n",
+  "8": 1 in 8 synthetic examples), each kdlab row is the server's row after the token that ends at the
+  same byte (the teacher's next-token distribution after the same text), and a response position inside
+  one of the server's tokens stops the job (:meth:`EchoDialect.realign`). ``top_logprobs`` is keyed by
+  token *text*, which llama.cpp prints dropping bytes that are not UTF-8 and writing special tokens as
+  "", so one text can stand for several tokens (291 of SmolLM2's ids print as "", 38 as " ": the space
+  and " " + a lone UTF-8 lead byte such as the start of a curly quote) and the dict keeps one value per
+  text. A text that one token prints as maps to it; a text several print as stands for the sequence's
+  actual next token when that is one of them (the EOS ending each response), and is otherwise left out:
+  which token it was is lost, so its mass stays in the tail (``EchoDialect.unresolved`` counts these;
+  mapping " " to the space instead put a curly quote's log-prob on it, 3 nats off). A text no token
+  prints as is refused.
 
 ``dialect: auto`` takes ``vllm`` when ``/v1/models`` says ``owned_by: vllm``, else ``openai-echo``.
 
 Start-up probe (:func:`connect`), before anything trains: the server answers, serves ``model``, tokenises a
 fixed sentence as kdlab does (same vocabulary), and its distributions, aligned as the dialect says, make
 the sentence's actual next tokens likely (at least half in the top-k, and far more than under the
-neighbouring alignments) with finite log-probs, for the sentence alone and after the BOS token. Any failure is one line naming the URL and the problem.
+neighbouring alignments) with finite log-probs, for the sentence alone and after the BOS token. Any
+failure is one line naming the URL and the problem.
 
 What it gives (:class:`ServedTeacher`): the top-k, renormalised over the k tokens as divergences take it,
 with the log of the mass outside them (``TopKLogProbs.tail``), at any sequence's positions (the data's,
@@ -267,6 +272,24 @@ class EchoDialect(Dialect):
         return rows
 
 
+    def realign(self, rows: list, server_ids: list[int], ids: list[int]) -> list:
+        """Rows of the server's tokenisation of the text as rows of kdlab's: the server's row after the token
+        that ends at the same byte as kdlab's token ``t`` (the teacher's next-token distribution after the same
+        text); None where the server has no token boundary there (llama.cpp's SmolLM2 tokenizer merges
+        "?\n\n8" as "?", "\n\n", "8" where transformers' splits "\n", "\n")."""
+        from itertools import accumulate
+
+        from kdlab.alignment import token_bytes
+
+        spelled = token_bytes(self.tokenizer)
+        if not isinstance(server_ids, list) or not all(isinstance(i, int) and 0 <= i < len(spelled)
+                                                       for i in server_ids):
+            raise ValueError(f"/extras/tokenize answered {str(server_ids)[:80]}, not token ids of kdlab's vocabulary")
+        server_row = {end: j for j, end in enumerate(accumulate(len(spelled[i]) for i in server_ids[:-1]))}
+        ends = list(accumulate(len(spelled[i]) for i in ids[:-1]))
+        return [rows[server_row[end]] if end in server_row else None for end in ends]
+
+
 DIALECTS = {d.name: d for d in (VLLMDialect, EchoDialect)}
 
 
@@ -275,20 +298,24 @@ class ServedTeacher(Teacher):
     provides = frozenset({"data_distribution", "distribution", "generation"})
 
     def __init__(self, client: Client, dialect: Dialect, model: str, top_k: int, max_concurrency: int):
-        self.client, self.dialect, self.model, self.top_k = client, dialect, model, top_k
+        self.client, self.dialect, self.model_name, self.top_k = client, dialect, model, top_k
         self.pool = ThreadPoolExecutor(max_concurrency)
         self.pending: dict[tuple[int, ...], object] = {}     # sequence -> Future of its rows (prefetch)
 
     # -- scoring -----------------------------------------------------------------------------------
     def score(self, ids: list[int]) -> list[dict[int, float] | None]:
         try:
-            body = self.dialect.scoring_body(ids, self.top_k, self.model)
+            body = self.dialect.scoring_body(ids, self.top_k, self.model_name)
         except UnicodeDecodeError:
             raise TeacherFault(f"teacher server {self.client.url} ({self.dialect.name}) takes text, and a sequence's "
                                f"tokens are not UTF-8 text; use a server that takes token ids (dialect=vllm)") from None
+        # a text-prompt server scores its own tokenisation of the text, which may differ from kdlab's
+        server_ids = ids if self.dialect.name == "vllm" else self.client.call(
+            "/extras/tokenize", {"input": body["prompt"]}).get("tokens")
         response = self.client.call("/v1/completions", body)
         try:
-            return self.dialect.rows(response, ids)
+            rows = self.dialect.rows(response, server_ids)
+            return rows if server_ids == ids else self.dialect.realign(rows, server_ids, ids)
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise TeacherFault(f"teacher server {self.client.url} ({self.dialect.name}): {err}") from None
 
@@ -374,7 +401,7 @@ class ServedTeacher(Teacher):
         return Generated(prompt_ids, prompt_mask, ids.to(prompt_ids.device), mask.to(prompt_ids.device))
 
     def _continue(self, tokenizer, prompt: list[int], settings: dict) -> list[int]:
-        body = {"model": self.model, **settings}
+        body = {"model": self.model_name, **settings}
         if self.dialect.name == "vllm":
             body |= {"prompt": prompt, "logprobs": 0, "return_tokens_as_token_ids": True}
         else:
