@@ -4,8 +4,10 @@
 
 averaged over response tokens, where D is the ``divergence`` group (fkl, rkl, jsd, tvd, sfkl, srkl,
 akl), so ``method=kd divergence=rkl`` is the seed papers' "Reverse KD". The teacher runs once per
-micro-batch without gradients, and both models' LM heads run only at response positions. With
-``teacher.cache`` the teacher is not run: its top-k log-probs are read from the cache (sparse teacher).
+micro-batch without gradients, and both models' LM heads run only at response positions. With a cached
+(``teacher.cache``) or served (``teacher.serve.url``) teacher no teacher runs here: D takes its top-k
+log-probs renormalised over the k tokens (an approximation, README "Teachers"), and a served teacher is
+asked for the next micro-batch's while the student trains on this one (:meth:`look_ahead`).
 
 Across tokenizers (``divergence=uld`` / ``uld_hybrid``): D is taken over the aligned groups of the
 response re-tokenised for the teacher (:mod:`kdlab.alignment`) and the loss is ULD's own weighting
