@@ -413,6 +413,11 @@ def test_llama_server_top_k_equals_the_in_process_teachers_up_to_the_quantised_k
           f"top-1 the same at {agree}/{len(rows)}; {teacher.dialect.unresolved} texts left in the tail")
     assert diffs.max() < 1.0 and diffs.mean() < 0.2      # Q4_1 kernels vs the dequantised weights
     assert agree >= 0.9 * len(rows)
+    # a row asked for alone (no echo: not shifted) is the row the echo gave
+    seq = teacher._sequences(batch)[0]
+    t = int(batch.response_mask[0].nonzero()[2])
+    alone = teacher.next_row(seq, t)
+    assert set(alone) == set(rows[2]) and max(abs(alone[i] - rows[2][i]) for i in alone) < 1e-3
 
 
 def held_out_kl(student_dir, teacher_model, tok, items) -> float:

@@ -27,7 +27,8 @@ log-probabilities give the teacher's top-k at every position. Two dialects, each
   (llama.cpp's SmolLM2 tokenizer merges "?\n\n8" as "?", "\n\n", "8", transformers' as "?", "\n", "\n",
   "8": 1 in 8 synthetic examples), each kdlab row is the server's row after the token that ends at the
   same byte (the teacher's next-token distribution after the same text), and a response position inside
-  one of the server's tokens stops the job (:meth:`EchoDialect.realign`). ``top_logprobs`` is keyed by
+  one of the server's tokens is asked for alone (:meth:`EchoDialect.next_row_body`; so is the row before
+  a BOS token inside a sequence, whose echo entry llama.cpp leaves out). ``top_logprobs`` is keyed by
   token *text*, which llama.cpp prints dropping bytes that are not UTF-8 and writing special tokens as
   "", so one text can stand for several tokens (291 of SmolLM2's ids print as "", 38 as " ": the space
   and " " + a lone UTF-8 lead byte such as the start of a curly quote) and the dict keeps one value per
@@ -253,23 +254,34 @@ class EchoDialect(Dialect):
         for n, i in enumerate(self.entries(echoed, ids)):
             if i == len(ids) - 1 or tops[n] is None:   # the generated token's row; entry 0 (nulled)
                 continue
-            if not isinstance(tops[n], dict) or not tops[n]:
-                raise ValueError(f"top_logprobs[{n}] is {tops[n]!r}, not a mapping of token texts")
-            row = {}
-            for text, value in tops[n].items():
-                value = _finite_logprob(value, f"top_logprobs[{n}][{text!r}]")
-                candidates = self.ids_of.get(text)
-                if candidates is None:
-                    raise ValueError(f"top_logprobs[{n}] key {text!r} is no token of kdlab's tokenizer: the server's "
-                                     f"vocabulary differs")
-                if len(candidates) > 1 and ids[i + 1] in candidates:
-                    candidates = [ids[i + 1]]
-                if len(candidates) == 1:
-                    row[candidates[0]] = value
-                else:   # which token it was is lost: its mass stays in the tail, outside the top-k
-                    self.unresolved += 1
-            rows[i] = row
+            rows[i] = self.row(tops[n], ids[i + 1], f"top_logprobs[{n}]")
         return rows
+
+    def row(self, top, actual_next: int, where: str) -> dict[int, float]:
+        """``{token id: log-prob}`` of one ``top_logprobs`` entry keyed by token text (see the module docstring)."""
+        if not isinstance(top, dict) or not top:
+            raise ValueError(f"{where} is {top!r}, not a mapping of token texts")
+        row = {}
+        for text, value in top.items():
+            value = _finite_logprob(value, f"{where}[{text!r}]")
+            candidates = self.ids_of.get(text)
+            if candidates is None:
+                raise ValueError(f"{where} key {text!r} is no token of kdlab's tokenizer: the server's vocabulary "
+                                 f"differs")
+            if len(candidates) > 1 and actual_next in candidates:
+                candidates = [actual_next]
+            if len(candidates) == 1:
+                row[candidates[0]] = value
+            else:   # which token it was is lost: its mass stays in the tail, outside the top-k
+                self.unresolved += 1
+        return row
+
+    def next_row_body(self, prefix: list[int], k: int, model: str) -> dict:
+        """A request for the distribution after ``prefix`` alone: without echo, ``top_logprobs[0]`` is that of
+        the generated token, not shifted (for a row the echo lacks: after a BOS token inside the sequence, or
+        inside one of the server's tokens)."""
+        return {"model": model, "prompt": self.text(prefix), "max_tokens": 1, "logprobs": k, "temperature": 0.0,
+                "repeat_penalty": 1.0}
 
 
     def realign(self, rows: list, server_ids: list[int], ids: list[int]) -> list:
@@ -344,11 +356,24 @@ class ServedTeacher(Teacher):
                 self.pending.pop(ids, None)
             for t, keep in enumerate(mask[: len(ids) - 1]):
                 if keep:
-                    if rows[t] is None:
-                        raise TeacherFault(f"teacher server {self.client.url} gave no log-probs at position {t} "
-                                           f"of a {len(ids)}-token sequence, a response position")
-                    out.append(rows[t])
+                    out.append(rows[t] if rows[t] is not None else self.next_row(ids, t))
         return out
+
+    def next_row(self, ids: tuple[int, ...], t: int) -> dict[int, float]:
+        """Row ``t`` of ``ids`` asked for alone (a response position the scoring answer left without one)."""
+        fault = f"teacher server {self.client.url} ({self.dialect.name}) gave no log-probs at position {t} of a " \
+                f"{len(ids)}-token sequence, a response position"
+        if not hasattr(self.dialect, "next_row_body"):
+            raise TeacherFault(fault)
+        try:
+            body = self.dialect.next_row_body(list(ids[: t + 1]), self.top_k, self.model_name)
+        except UnicodeDecodeError:
+            raise TeacherFault(f"{fault}, and the text before it is not UTF-8 to ask for it alone") from None
+        logprobs = self.client.call("/v1/completions", body)["choices"][0].get("logprobs") or {}
+        try:
+            return self.dialect.row((logprobs.get("top_logprobs") or [None])[0], ids[t + 1], "top_logprobs[0]")
+        except ValueError as err:
+            raise TeacherFault(f"{fault}; asked alone: {err}") from None
 
     def distribution(self, batch) -> TopKLogProbs:
         return self.topk(batch, self.top_k)
