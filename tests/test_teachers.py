@@ -26,7 +26,8 @@ def compose(*overrides):
 def table_cells() -> dict[tuple[str, str, bool], str]:
     """``(method, kind, across tokenizers) -> cell`` read back from the README's table."""
     readme = (ROOT / "README.md").read_text()
-    header = "| method | live | cached | served | live, across tokenizers | cached, across tokenizers | served, across tokenizers |"
+    header = ("| method | live | cached | served | live, across tokenizers | cached, across tokenizers | "
+              "served, across tokenizers |")
     assert header in readme
     cells = {}
     for line in readme.split(header, 1)[1].splitlines()[2:]:

@@ -151,10 +151,11 @@ class SeqKD(MLE):
             ids, mask = left_pad([list(p) for p in chunk], tok.pad_token_id)
             room = max(1, min(g.max_new_tokens, limit - len(chunk[0])))
             with runtime.autocast():
-                gen = self.teacher_io.generate(tok, ids.to(runtime.device), mask.to(runtime.device),
-                                               max_new_tokens=room, do_sample=g.do_sample, temperature=g.temperature,
-                                               top_p=g.top_p, top_k=g.top_k, no_repeat_ngram_size=g.no_repeat_ngram_size,
-                                               seed=g.seed + i if g.do_sample else None, num_beams=g.num_beams)
+                gen = self.teacher_io.generate(
+                    tok, ids.to(runtime.device), mask.to(runtime.device), max_new_tokens=room, do_sample=g.do_sample,
+                    temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                    no_repeat_ngram_size=g.no_repeat_ngram_size, seed=g.seed + i if g.do_sample else None,
+                    num_beams=g.num_beams)
             for prompt, row, keep in zip(chunk, gen.response_ids, gen.response_mask.bool()):
                 out[prompt] = row[keep].tolist()[: limit - len(prompt)]
         return out

@@ -132,7 +132,8 @@ class Client:
 
     def _once(self, path: str, body: dict | None) -> dict:
         data = None if body is None else json.dumps(body).encode()
-        req = request.Request(self.url + path, data=data, headers=self.headers, method="GET" if body is None else "POST")
+        req = request.Request(self.url + path, data=data, headers=self.headers,
+                              method="GET" if body is None else "POST")
         try:
             with self.opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -140,7 +141,8 @@ class Client:
             detail = err.read()[:200].decode(errors="replace").replace("\n", " ")
             if err.code == 429 or err.code >= 500:
                 raise _Transient(f"HTTP {err.code} ({detail})") from None
-            raise ServerError(f"teacher server {self.url}{path} refused the request: HTTP {err.code} ({detail})") from None
+            raise ServerError(f"teacher server {self.url}{path} refused the request: HTTP {err.code} "
+                              f"({detail})") from None
         except (error.URLError, TimeoutError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise _Transient(f"unreachable ({reason})") from None
