@@ -195,7 +195,7 @@ class Trainer:
                 self.save(index, step, offset, position)
                 bar.close()
                 raise TeacherFault(f"{fault}; checkpoint of step {offset + step} written: run the same command "
-                                   f"again once the server answers") from None
+                                   f"again to resume (once the server answers)") from None
             position = (epoch, (micro_index + 1) // tc.grad_accum)
             for name, opt in self.optimizers.items():
                 norm = opt.step()
