@@ -12,17 +12,27 @@ not depend on them). Every row is one optimizer step of the student: forward, ba
 - ``kd``: :class:`kdlab.methods.kd.KD` (``alpha`` 0.5, ``divergence`` fkl: chunked, response positions
   only) with the live teacher.
 - ``kd_cached``: the same reading a top-``top_k`` teacher cache (``teacher.cache=``): no teacher forward.
+- with ``--serve_url`` (an OpenAI-compatible server of the same teacher, e.g. ``python -m llama_cpp.server
+  --model <the GGUF> --logits_all true``), the batch is real text instead (synthetic training examples in
+  the chat template, cut to ``--seq``: a text-prompt server must re-tokenise it as kdlab does) and three
+  more rows, timed as consecutive steps (not interleaved: the prefetch overlaps one step with the next):
+  ``server``: the server scoring one batch alone (its own cost); ``kd_served``: the step waiting for the
+  server's answers; ``kd_served_prefetch``: the trainer's pattern, two batches alternating, each step
+  sending the next batch's requests before computing its own loss (``Method.look_ahead``), so the server
+  works while the student trains. How much latency the prefetch hides: ``kd_served - kd_served_prefetch``
+  against ``server``.
 
 Targets (issue 3): ``kd`` time <= 1.15x and tensor peak <= 1.1x ``floor_response``. Time: median of
 ``--repeats`` steps after ``--warmup`` steps, the variants interleaved (on shared cores, load then hits
 all of them alike); peak: :func:`benchmarks.harness.peak_tensor_bytes` (tensor bytes allocated during
 one step, gradients included; AdamW state exists before the step and is not counted). Args:
 ``--repeats`` (5), ``--warmup`` (2), ``--batch`` (4), ``--seq`` (256), ``--response`` (32),
-``--divergence`` (fkl), ``--top_k`` (64), ``--threads`` (torch default), ``--seed`` (0),
+``--divergence`` (fkl), ``--top_k`` (64), ``--threads`` (torch default), ``--seed`` (0), ``--serve_url``,
 ``--teacher``/``--teacher_shape``/``--student``/``--device`` (:func:`benchmarks.harness.load_models`).
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +54,8 @@ def run(args: dict) -> dict:
     from kdlab.methods.base import Context
     from kdlab.methods.kd import KD
     from kdlab.modeling import response_logits
+    from kdlab.teacher.cached import CachedTeacher
+    from kdlab.teacher.served import connect
     from kdlab.teacher.topk_cache import TeacherCache, build_cache
 
     if args.get("threads"):
@@ -56,8 +68,12 @@ def run(args: dict) -> dict:
     load_s = time.perf_counter() - t0
     vocab = len(tok)
     g = torch.Generator().manual_seed(int(args.get("seed", 0)))
-    items = [Encoded(torch.randint(0, vocab, (t - r,), generator=g).tolist(),
-                     torch.randint(0, vocab, (r,), generator=g).tolist(), {}) for _ in range(b)]
+    serve_url = args.get("serve_url")
+    if serve_url:
+        items, other_items = text_items(tok, b, t, r)
+    else:
+        items = [Encoded(torch.randint(0, vocab, (t - r,), generator=g).tolist(),
+                         torch.randint(0, vocab, (r,), generator=g).tolist(), {}) for _ in range(b)]
     batch = collate(items, tok.pad_token_id).to(runtime.device)
     opt = make_optimizer([p for p in student.parameters() if p.requires_grad], 1e-5, 0.0)
     divergence = build_divergence({"name": args.get("divergence", "fkl")})
@@ -79,10 +95,13 @@ def run(args: dict) -> dict:
         logits = response_logits(student, batch.input_ids, batch.attention_mask, batch.response_mask, vocab)
         optimizer_step(F.cross_entropy(logits, batch.labels[batch.response_mask]))
 
+    def kd_method(source):
+        ctx = Context(teacher=source, student=student, tokenizer=tok, divergence=divergence, runtime=runtime,
+                      train_cfg=None)
+        return KD(OmegaConf.create({"name": "kd", "lr": 1e-5, "alpha": 0.5}), ctx)
+
     def method(cache=None):
-        ctx = Context(teacher=None if cache else teacher, student=student, tokenizer=tok, divergence=divergence,
-                      runtime=runtime, train_cfg=None, teacher_cache=cache)
-        kd = KD(OmegaConf.create({"name": "kd", "lr": 1e-5, "alpha": 0.5}), ctx)
+        kd = kd_method(CachedTeacher(cache) if cache else teacher)
         return lambda: optimizer_step(kd.loss(batch, 0).loss)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +111,10 @@ def run(args: dict) -> dict:
                                 "kd_cached": method(cache)}, runtime)
         seconds = median_times(steps, repeats, warmup)
         measured = {name: (seconds[name], peak_tensor_bytes(step)) for name, step in steps.items()}
+    if serve_url:
+        served = connect({"url": serve_url, "top_k": top_k, "max_concurrency": b}, tok)
+        measured |= served_rows(served, kd_method(served), optimizer_step, batch,
+                                collate(other_items, tok.pad_token_id).to(runtime.device), repeats, warmup)
 
     floor_s, floor_peak = measured["floor_response"]
     rows = []
@@ -109,7 +132,53 @@ def run(args: dict) -> dict:
         f"top-{top_k} fp16 cache; models loaded in "
         f"{load_s:.0f} s; median of {repeats} steps after {warmup} warm-up; torch threads {torch.get_num_threads()}.",
         f"target kd <= 1.15x floor_response time and <= 1.1x its tensor peak: {'met' if met else 'NOT met'} "
-        f"(time {kd_s / floor_s:.3f}x, peak {kd_peak / floor_peak:.3f}x)."]}
+        f"(time {kd_s / floor_s:.3f}x, peak {kd_peak / floor_peak:.3f}x)."]
+        + ([f"served: {serve_url}, top-{top_k}, {b} requests in flight; the batch is synthetic training text; "
+            f"server, kd_served and kd_served_prefetch are medians of consecutive steps (peak: this process only)."]
+           if serve_url else [])}
+
+
+def text_items(tok, b: int, t: int, r: int):
+    """Two batches of ``b`` synthetic training examples in the chat template, each cut to ``t`` tokens with
+    at most ``r`` response tokens (real text, which a text-prompt server tokenises as kdlab does)."""
+    from kdlab.config import load_option
+    from kdlab.data import Encoded, encode, load_splits
+
+    dataset = load_option("dataset", "synthetic", Path(__file__).resolve().parents[1] / "conf")
+    encoded = encode(load_splits(dataset, 0)["train"][: 2 * b], tok, "chat", t - 1, t)
+    items = [Encoded(it.prompt_ids[-(t - r):], it.response_ids[:r], it.example) for it in encoded]
+    return items[:b], items[b:]
+
+
+def served_rows(served, kd, optimizer_step, batch, other, repeats: int, warmup: int) -> dict:
+    """``server``, ``kd_served`` and ``kd_served_prefetch`` (see the module docstring): medians of consecutive
+    steps; the tensor peak is measured on a step that waits for the server."""
+    def timed(step, n):
+        times = []
+        for i in range(n + warmup):
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[warmup:])
+
+    def server(i):
+        served.pending.clear()
+        served.distribution(batch)
+
+    def waiting(i):
+        served.pending.clear()
+        optimizer_step(kd.loss(batch, 0).loss)
+
+    def prefetching(i):
+        current, upcoming = (batch, other) if i % 2 == 0 else (other, batch)
+        kd.look_ahead(upcoming)
+        optimizer_step(kd.loss(current, 0).loss)
+
+    rows = {"server": (timed(server, repeats), 0), "kd_served": (timed(waiting, repeats), peak_tensor_bytes(
+        lambda: waiting(0)))}
+    served.pending.clear()
+    rows["kd_served_prefetch"] = (timed(prefetching, repeats), peak_tensor_bytes(lambda: prefetching(0)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -266,33 +266,14 @@ def held_out_divergence(student, teacher, xtok: CrossTokenizer, divergence, item
     return total / max(count, 1)
 
 
-# Why a method cannot take a teacher with another tokenizer; others without Method.cross_tokenizer: not yet.
-REFUSALS = {
-    "minillm": "needs the teacher's log-probability of the student's own tokens (its reward), which a teacher "
-               "with another tokenizer does not assign",
-    "dpkd": "needs the teacher's log-probabilities of the student's own token sequences (its preference "
-            "reward), which a teacher with another tokenizer does not assign",
-    "okd": "trains a module inside the teacher through a token-level divergence over one shared vocabulary",
-}
-
-
 def check_config(cfg, method) -> None:
-    """Refuse, before anything loads, what a cross-tokenizer divergence cannot do with ``method`` (the
-    class of ``cfg.method.name``), one line each."""
+    """Refuse, before anything loads, a setting that a cross-tokenizer divergence makes meaningless (which
+    methods and teachers work across tokenizers is the methods' table: :func:`kdlab.teacher.check_teacher`)."""
     from kdlab.divergences import is_cross_tokenizer
 
     name, div = cfg.method.name, cfg.divergence.name
-    if not is_cross_tokenizer(div) or not method.needs_teacher:
+    if not is_cross_tokenizer(div) or not method.teacher_needs:
         return
-    if not method.cross_tokenizer:
-        why = REFUSALS.get(name, "does not support a teacher with another tokenizer yet")
-        raise ConfigError(f"method={name} cannot distil across tokenizers: it {why}; use method=kd with "
-                          f"divergence={div}, or a same-tokenizer divergence (e.g. divergence=fkl) with a "
-                          f"student of the teacher's family")
-    if cfg.teacher.get("cache"):
-        raise ConfigError(f"teacher.cache holds the teacher's top-k over the student's tokens, which "
-                          f"divergence={div} does not compare (it needs the teacher's full distribution over its "
-                          f"own tokens); set teacher.cache=null")
     if name == "kd" and cfg.method.alpha != 0.5:
         raise ConfigError(f"method.alpha={cfg.method.alpha} does not apply with divergence={div}: its loss is "
                           f"distill_weight * ULD + ce_weight * MLE; set divergence.ce_weight / "

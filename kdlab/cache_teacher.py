@@ -27,9 +27,8 @@ def cache_teacher(cfg) -> Path:
     from kdlab.data import encode, load_splits, prompt_template, validate_dataset
     from kdlab.hardware import setup_runtime, validate_hardware
     from kdlab.modeling import check_available, load_tokenizer
-    from kdlab.teacher import load_teacher, validate_teacher
+    from kdlab.teacher import scoring_teacher, validate_teacher
     from kdlab.teacher.topk_cache import build_cache, folder_name, key_components
-    from kdlab.teacher.finetune import finetuned_teacher
 
     check_section("cache", cfg.cache, SCHEMA)
     validate_teacher(cfg.teacher)
@@ -48,10 +47,8 @@ def cache_teacher(cfg) -> Path:
         raise ConfigError(f"dataset={cfg.dataset.name} has no train split to cache the teacher on")
     items = encode(train, tokenizer, prompt_template(cfg), cfg.dataset.max_prompt_length, cfg.dataset.max_length)
     runtime = setup_runtime(cfg.hardware)
-    teacher, tokenizer = load_teacher(cfg.teacher, runtime.dtype)
-    if cfg.teacher.get("finetune"):   # the teacher a run with this config distils from (shared with it)
-        teacher = finetuned_teacher(cfg, runtime, teacher.to(runtime.device), tokenizer, items)
-    build_cache(teacher.to(runtime.device), tokenizer, items, folder, components, top_k=cfg.cache.top_k,
+    teacher = scoring_teacher(cfg, runtime, tokenizer, items)
+    build_cache(teacher, tokenizer, items, folder, components, top_k=cfg.cache.top_k,
                 dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, shard_rows=cfg.cache.shard_rows,
                 runtime=runtime, progress=True)
     print(f"kdlab: teacher cache written: {folder}\ntrain from it with teacher.cache={folder}")

@@ -45,13 +45,13 @@ def validate_config(cfg) -> None:
     """Check every group before anything is loaded; raises :class:`ConfigError`."""
     from kdlab.alignment import check_config as check_cross_tokenizer
     from kdlab.data import eval_dataset_cfgs, validate_dataset
-    from kdlab.divergences import DIVERGENCES, validate_divergence
+    from kdlab.divergences import validate_divergence
     from kdlab.hardware import validate_hardware
     from kdlab.loggers import validate_logger
     from kdlab.methods import method_class
     from kdlab.metrics.evaluate import validate_eval
     from kdlab.student import validate_student
-    from kdlab.teacher import validate_teacher
+    from kdlab.teacher import check_teacher, validate_teacher
     from kdlab.trainer import validate_train
 
     validate_teacher(cfg.teacher)
@@ -65,17 +65,12 @@ def validate_config(cfg) -> None:
     validate_eval(cfg.eval)
     eval_dataset_cfgs(cfg)   # every eval.datasets entry checked as a dataset
     method = method_class(cfg.method.name)
+    check_teacher(cfg, method)   # the method x teacher table, across tokenizers too
     check_cross_tokenizer(cfg, method)
     for key in ("experiment", "run_name"):
         check_name(key, cfg.get(key))
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} is not an integer; set seed=<int>")
-    if cfg.teacher.get("cache") and method.needs_teacher and not method.uses_teacher_cache:
-        raise ConfigError(f"method={cfg.method.name} needs the live teacher during training, not a cached one "
-                          f"(teacher.cache works with off-policy methods such as kd); set teacher.cache=null")
-    if cfg.teacher.get("cache") and method.uses_teacher_cache and not DIVERGENCES[cfg.divergence.name].supports_topk:
-        raise ConfigError(f"divergence={cfg.divergence.name} needs the teacher's full distribution, which a cached "
-                          f"top-k teacher does not have; set teacher.cache=null or pick another divergence")
 
 
 # what is in a run folder before kdlab writes any output: Hydra's config and log, the lock, kdlab's config

@@ -53,6 +53,11 @@ class ModelUnavailable(RuntimeError):
     """A model is neither in the local cache nor reachable; the message is one actionable line."""
 
 
+class TeacherFault(ModelUnavailable):
+    """A served teacher stopped answering (or answered nonsense) during training: the trainer writes the
+    checkpoint of the last complete step and the job ends with this one line (:mod:`kdlab.teacher.served`)."""
+
+
 def validate_source(role: str, cfg, schema: dict) -> None:
     """Check a teacher or student section against ``schema`` (a superset of :data:`SOURCE_SCHEMA`)."""
     check_name(f"{role}.name", cfg.get("name"))

@@ -19,10 +19,11 @@ from kdlab.data import JobSets, encode_job_sets, eval_dataset_cfgs, load_test_se
 from kdlab.divergences import is_cross_tokenizer
 from kdlab.hardware import Runtime, start_runtime
 from kdlab.loggers import build_logger
-from kdlab.methods import build_job_method, trains_on_cached_teacher
+from kdlab.methods import build_job_method, method_class
 from kdlab.methods.base import Method
 from kdlab.metrics.evaluate import check_generation_room, evaluate_once
 from kdlab.student import Models, derive_models, load_models, load_student
+from kdlab.teacher import teacher_in_memory
 from kdlab.checkpoint import save_pretrained
 from kdlab.trainer import Trainer
 
@@ -40,9 +41,10 @@ def train_and_evaluate(cfg, run_dir: Path, overrides: str = "") -> dict:
     splits = load_training_splits(cfg)
     test_sets = load_test_sets(eval_dataset_cfgs(cfg), cfg.seed, cfg.dataset.name)
     cross = is_cross_tokenizer(cfg.divergence.name)
-    models = load_models(cfg, runtime, with_teacher=not trains_on_cached_teacher(cfg), cross=cross)
+    with_teacher = teacher_in_memory(cfg, method_class(cfg.method.name))
+    models = load_models(cfg, runtime, with_teacher=with_teacher, cross=cross)
     sets = encode_job_sets(cfg, models.tokenizer, models.teacher_tokenizer, splits, test_sets, cross, runtime.is_main)
-    models = derive_models(cfg, runtime, models, sets, with_teacher=not trains_on_cached_teacher(cfg))
+    models = derive_models(cfg, runtime, models, sets, with_teacher=with_teacher)
     logger = build_logger(cfg, run_dir, runtime.is_main)
     method = build_job_method(cfg, models, runtime, sets.train)
     train_items = method.prepare_data(sets.train)

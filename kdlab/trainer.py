@@ -10,10 +10,13 @@ when there is none) are dropped first, so no step is logged twice. SIGTERM, SIGU
 training at the next step boundary with a checkpoint of that step (``kdlab.preemption``). A step whose
 loss (or a term the method logs) or gradient is not finite ends training before its optimizer step, with
 nothing of it saved (:class:`TrainingDiverged`; gradients are checked outside ZeRO, see ``kdlab.optim``).
+A served teacher that stops answering mid-step (:class:`kdlab.modeling.TeacherFault`, after its retries)
+ends training with a checkpoint of the last complete step: the half step is dropped, its RNG draws undone.
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from kdlab.data import batches
 from kdlab.loggers import progress, say
 from kdlab.preemption import StopSignals
 from kdlab.validation import Validation
-from kdlab.modeling import sparse_tied_embedding_grad
+from kdlab.modeling import TeacherFault, sparse_tied_embedding_grad
 
 
 SCHEMA = {
@@ -156,6 +159,20 @@ class Trainer:
                 offset += total
         return {"train_time_s": self.elapsed()}
 
+    def micro_batches(self, data):
+        """``(epoch, index, batch, next batch)`` on this rank's device: the next one lets a served teacher
+        start on it while the student trains on this one (``Method.look_ahead``)."""
+        def placed(item):
+            epoch, index, batch = item
+            return epoch, index, distributed.rank_slice(batch, self.runtime.rank, self.runtime.world_size).to(
+                self.runtime.device)
+
+        current = placed(next(data))
+        while True:
+            upcoming = placed(next(data))
+            yield *current, upcoming[2]
+            current = upcoming
+
     def run_phase(self, index, phase, total, offset, resume, is_last: bool) -> None:
         """Train one phase. The last one validates by ROUGE-L; an earlier one that keeps its best student
         validates by loss and hands its lowest-loss student to the next phase."""
@@ -172,22 +189,32 @@ class Trainer:
             self.logger.truncate_after(offset + step)
             if self.runtime.is_main:
                 say(f"kdlab: resuming from step {offset + step} (checkpoint in {self.ckpt_dir})")
-        data = batches(self.train_items, tc.batch_size // tc.grad_accum, self.tokenizer.pad_token_id, self.cfg.seed,
-                       epoch, batch_index * tc.grad_accum)
+        data = self.micro_batches(batches(self.train_items, tc.batch_size // tc.grad_accum,
+                                          self.tokenizer.pad_token_id, self.cfg.seed, epoch, batch_index * tc.grad_accum))
         bar = progress(total=total, initial=step, desc=phase.name, unit="steps", disable=not self.runtime.is_main)
+        position = (epoch, batch_index)
         while step < total:
             t0 = time.time()
             logs, tokens = {}, 0
-            for _ in range(tc.grad_accum):
-                epoch, micro_index, batch = next(data)
-                batch = distributed.rank_slice(batch, self.runtime.rank, self.runtime.world_size).to(self.runtime.device)
-                with self.runtime.autocast():
-                    out = phase.method.loss(batch, offset + step)
-                # one backward fills every group's gradients; under ZeRO the student's engine must run it
-                self.optimizers["student"].backward(out.loss)
-                tokens += int(batch.attention_mask.sum())
-                for k, v in {"loss": out.loss.item(), **out.logs}.items():
-                    logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
+            rng = torch.get_rng_state(), random.getstate()
+            try:
+                for _ in range(tc.grad_accum):
+                    epoch, micro_index, batch, upcoming = next(data)
+                    phase.method.look_ahead(upcoming)
+                    with self.runtime.autocast():
+                        out = phase.method.loss(batch, offset + step)
+                    # one backward fills every group's gradients; under ZeRO the student's engine must run it
+                    self.optimizers["student"].backward(out.loss)
+                    tokens += int(batch.attention_mask.sum())
+                    for k, v in {"loss": out.loss.item(), **out.logs}.items():
+                        logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
+            except TeacherFault as fault:
+                torch.set_rng_state(rng[0])
+                random.setstate(rng[1])
+                self.save(index, step, offset, position)
+                bar.close()
+                raise TeacherFault(f"{fault}; checkpoint of step {offset + step} written: run the same command "
+                                   f"again to resume (once the server answers)") from None
             if distributed.any_rank(not all(math.isfinite(v) for v in logs.values()), self.runtime.device):
                 bar.close()
                 raise self.diverged(offset + step + 1, logs)

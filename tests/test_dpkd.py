@@ -98,8 +98,7 @@ def test_sequence_level_loss_matches_a_hand_computation(setup, monkeypatch, form
     eos = tok.eos_token_id
     responses = {"teacher": [[72, 105, eos], [79, eos]], "student": [[120, 121, 122, 123], [65, eos]]}
     fake = fixed_generation(responses, tok.pad_token_id)
-    monkeypatch.setattr(dpkd, "generate", fake)
-    monkeypatch.setattr(generation, "generate", fake)   # the student's samples (sample_student)
+    monkeypatch.setattr(generation, "generate", fake)   # the teacher's responses and the student's samples
     method = make_method(setup, preference=form, beta=0.3, kd_ratio=0.7, lm_coef=0.4)
     batch = first_batch(setup)
     out = method.loss(batch, 0)
@@ -144,14 +143,13 @@ def test_token_level_loss_uses_argmax_tokens(setup):
 
 def test_teacher_responses_are_generated_once_per_prompt_and_saved(setup, monkeypatch):
     calls = []
-    real = dpkd.generate
+    real = generation.generate
 
     def spy(model, *args, **kwargs):
         calls.append((model is setup[0], len(args[1])))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(dpkd, "generate", spy)
-    monkeypatch.setattr(generation, "generate", spy)   # the student's samples (sample_student)
+    monkeypatch.setattr(generation, "generate", spy)   # the teacher's responses and the student's samples
     method = make_method(setup, max_new_tokens=4)
     batch = first_batch(setup)
     method.loss(batch, 0)

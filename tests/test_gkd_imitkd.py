@@ -155,6 +155,7 @@ def test_gkd_draws_on_policy_with_probability_lambda(monkeypatch):
     gkd = make(GKD, lmbda=0.3, normalize="token", **SAMPLING)
     monkeypatch.setattr(gkd_module, "sample_student", lambda student, tok, batch, **sampling: batch)
     monkeypatch.setattr(gkd, "logits", lambda model, batch: torch.zeros(1, 257))   # no model calls
+    monkeypatch.setattr(gkd, "teacher_targets", lambda batch: torch.zeros(1, 257))
     batch = collate(items("train", 1), TOK.pad_token_id)
     torch.manual_seed(0)
     draws = [gkd.loss(batch, i).logs["on_policy"] for i in range(1000)]

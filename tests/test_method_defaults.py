@@ -52,7 +52,7 @@ EXPERIMENT_DEFAULTS = {
     "dpkd-table-smoke": SMOKE_SCALE,
     "okd-table2-smoke": SMOKE_SCALE,
     "okd-ablation-smoke": {**SMOKE_SCALE, "method.name": "okd"},
-    "dolly-cpu": {"dataset.name": "dolly", "teacher.name": "smollm2-135m", "student.num_layers": 15,
+    "dolly-cpu": {"dataset.name": "dolly", "teacher.name": "smollm2-135m", "student.name": "smollm2-pruned-50",
                   "eval.datasets": ["sni", "unni"], "eval.do_sample": False},
 }
 

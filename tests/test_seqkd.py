@@ -35,12 +35,12 @@ def setup():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts kdlab.generation.generate calls made by SeqKD."""
-    import kdlab.methods.seqkd as seqkd
+    """Counts kdlab.generation.generate calls made by SeqKD (through its live teacher)."""
+    import kdlab.generation as generation
 
     count = []
-    real = seqkd.generate
-    monkeypatch.setattr(seqkd, "generate", lambda *a, **k: count.append(1) or real(*a, **k))
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: count.append(1) or real(*a, **k))
     return count
 
 
@@ -96,10 +96,10 @@ def test_responses_are_cached_by_teacher_data_and_generation_config(setup, tmp_p
 
 
 def test_a_crashed_generation_leaves_no_cache_behind(setup, tmp_path, monkeypatch):
-    import kdlab.methods.seqkd as seqkd
+    import kdlab.generation as generation
 
     tok, teacher, items = setup
-    monkeypatch.setattr(seqkd, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError, match="killed"):
         SeqKD(seqkd_cfg(tmp_path), context(teacher, tiny_student(), tok)).prepare_data(items[:4])
     assert not (tmp_path / "cache" / "seqkd").exists() or not list((tmp_path / "cache" / "seqkd").iterdir())

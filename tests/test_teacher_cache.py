@@ -18,6 +18,7 @@ from kdlab.methods.base import Context
 from kdlab.methods.kd import KD
 from kdlab.modeling import byte_tokenizer, freeze, random_model
 from kdlab.cli import CONF_DIR, validate_config
+from kdlab.teacher.cached import CachedTeacher
 from kdlab.teacher.topk_cache import TeacherCache, build_cache, key_components
 
 V = 257  # the byte tokenizer: 256 bytes + end-of-text
@@ -51,9 +52,10 @@ def synthetic_items(tok, split: str = "train", cfg=None):
 
 
 def context(teacher, student, tok, divergence: str = "fkl", cache=None) -> Context:
-    return Context(teacher=teacher, student=student, tokenizer=tok, divergence=build_divergence({"name": divergence}),
-                   runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None,
-                   teacher_cache=cache)
+    """A method's context; with ``cache`` the cached teacher stands in for ``teacher``."""
+    return Context(teacher=CachedTeacher(cache) if cache is not None else teacher, student=student, tokenizer=tok,
+                   divergence=build_divergence({"name": divergence}),
+                   runtime=Runtime(torch.device("cpu"), torch.float32), train_cfg=None)
 
 
 def kd_method(ctx, alpha: float = 0.5) -> KD:
@@ -222,7 +224,7 @@ def test_cache_teacher_cli_then_training_without_a_teacher_in_memory(tmp_path):
         on_policy = compose("config", overrides=[*train, "method=seqkd"])
         dense_only = compose("config", overrides=[*train, "method=kd", "divergence=akl"])
         ignored = compose("config", overrides=[*train, "method=sft"])
-    with pytest.raises(ConfigError, match="method=seqkd needs the live teacher"):
+    with pytest.raises(ConfigError, match=r"method=seqkd cannot train with a cached teacher \(teacher.cache\): it needs the teacher's generations; use a live teacher .* or a served one"):
         validate_config(on_policy)
     with pytest.raises(ConfigError, match="divergence=akl needs the teacher's full distribution"):
         validate_config(dense_only)

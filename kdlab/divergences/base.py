@@ -45,10 +45,13 @@ LOG_ZERO = -1.0e4
 
 
 class TopKLogProbs(NamedTuple):
-    """Sparse teacher: ``values (..., k)`` log-probs renormalised over the k entries, ``indices (..., k)``."""
+    """Sparse teacher: ``values (..., k)`` log-probs renormalised over the k entries, ``indices (..., k)``, and
+    where known ``tail (...)``, the log of the teacher's mass outside the k entries (what renormalising drops;
+    divergences do not read it: kdlab.teacher.approximation measures what it costs)."""
 
     values: torch.Tensor
     indices: torch.Tensor
+    tail: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -57,8 +60,11 @@ def topk_logprobs(teacher_logits: torch.Tensor, k: int, tau: float = 1.0) -> Top
 
     Keep ``tau=1`` for caches consumed by a divergence: the divergence applies its own temperature.
     """
-    top, idx = (teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)) / tau).topk(k, dim=-1)
-    return TopKLogProbs(torch.log_softmax(top, dim=-1), idx)
+    logits = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)) / tau
+    top, idx = logits.topk(k, dim=-1)
+    kept = top.logsumexp(-1) - logits.logsumexp(-1)      # log of the top-k's mass (<= 0)
+    tail = torch.log(-torch.expm1(kept.clamp(max=-1e-30)))   # log(1 - mass); -inf-like when k = V
+    return TopKLogProbs(torch.log_softmax(top, dim=-1), idx, tail)
 
 
 class Workspace:

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.config import ConfigError, Range, check_section
+from kdlab.config import Range, check_section
 from kdlab.modeling import response_logits
+from kdlab.teacher.interface import CAPABILITIES, as_teacher
 
 
 @dataclass
@@ -56,38 +57,41 @@ class Phase:
 
 @dataclass
 class Context:
-    """What a method is built from."""
-    teacher: nn.Module | None
+    """What a method is built from. ``teacher``: a :class:`kdlab.teacher.interface.Teacher` (live, cached or
+    served; a bare model is taken as the live one), None for methods that need none."""
+    teacher: object
     student: nn.Module
     tokenizer: object
     divergence: object
     runtime: object
     train_cfg: object
-    teacher_cache: object = None        # a kdlab.teacher.topk_cache.TeacherCache when teacher.cache is set
     cross_tokenizer: object = None      # a kdlab.alignment.CrossTokenizer when the divergence is (divergence=uld)
 
 
 class Method:
     name: ClassVar[str]
     schema: ClassVar[dict] = {"lr": Range(0, low_open=True)}
-    needs_teacher: ClassVar[bool] = True
-    # True: the loss reads the teacher only through teacher_targets, so a cached teacher can stand in;
-    # a method that needs the teacher otherwise refuses to be built without the live one
-    uses_teacher_cache: ClassVar[bool] = False
-    # True: the loss reads the teacher only through aligned_distill when the divergence is cross-tokenizer
-    cross_tokenizer: ClassVar[bool] = False
     # True: the loss reads the ``divergence`` group; runs of other methods do not depend on it (kdlab.report
     # leaves it out of their label)
     uses_divergence: ClassVar[bool] = False
+    # The method x teacher table (README), one row per method: what it needs of its teacher during training,
+    # names from kdlab.teacher.interface.CAPABILITIES, checked against the teacher's kind before anything
+    # loads (kdlab.teacher.check_teacher). Across tokenizers (a cross-tokenizer divergence): the needs
+    # there, or a sentence saying why the method cannot distil across tokenizers.
+    # The default, for a method that declares nothing: all a live teacher gives, on one tokenizer.
+    teacher_needs: ClassVar[frozenset[str]] = frozenset(CAPABILITIES) - {"other_tokenizer"}
+    teacher_needs_across: ClassVar[frozenset[str] | str] = "does not support a teacher with another tokenizer yet"
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
-        self.teacher, self.student = ctx.teacher, ctx.student
-        if self.needs_teacher and not self.uses_teacher_cache and self.teacher is None:
-            raise ConfigError(f"method={self.name} needs the live teacher during training, not a cached one; "
-                              "set teacher.cache=null")
         # the LM heads' rows beyond the tokenizer's vocabulary are padding and never scored
         self.vocab_size = len(ctx.tokenizer)
+        self.teacher_io = as_teacher(ctx.teacher, self.vocab_size)   # what the teacher provides
+        # the model itself, only for a live teacher: methods that need its weights (OKD, MiniLLM) use it
+        self.teacher = None if self.teacher_io is None else self.teacher_io.model
+        self.student = ctx.student
+        if self.teacher_needs and self.teacher_io is None:
+            raise ValueError(f"method={self.name} needs a teacher; its Context has none")
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -126,16 +130,18 @@ class Method:
         return response_logits(model, batch.input_ids, batch.attention_mask, batch.response_mask,
                                self.vocab_size)
 
-    @torch.no_grad()
     def teacher_logits(self, batch) -> torch.Tensor:
-        return self.logits(self.teacher, batch)
+        """The teacher's full logits at the response positions (a live teacher: ``full_distribution``)."""
+        return self.teacher_io.logits(batch)
 
     def teacher_targets(self, batch):
-        """The teacher at the response positions: live logits ``(N, V)``, or with ``teacher.cache`` the
-        cached sparse top-k (:class:`kdlab.divergences.TopKLogProbs`, ``(N, k)``) that divergences accept."""
-        if self.ctx.teacher_cache is not None:
-            return self.ctx.teacher_cache.lookup(batch)
-        return self.teacher_logits(batch)
+        """The teacher at the response positions as divergences take it: live logits ``(N, V)``, or a cached or
+        served teacher's top-k (:class:`kdlab.divergences.TopKLogProbs`, ``(N, k)``)."""
+        return self.teacher_io.distribution(batch)
+
+    def look_ahead(self, batch) -> None:
+        """The trainer shows the next micro-batch before this one's loss: a served teacher starts on it
+        (off-policy methods, whose batches are the data's; on-policy ones sample and override nothing)."""
 
     def aligned_distill(self, student_logits: torch.Tensor, batch, per_sequence: bool = False) -> torch.Tensor:
         """Across tokenizers: the divergence over the aligned groups of ``batch`` re-tokenised for the
@@ -151,7 +157,7 @@ class Method:
         aligned groups (:meth:`aligned_distill`), the groups standing in for tokens in either mean."""
         if self.ctx.cross_tokenizer is not None:
             return self.ctx.divergence.objective(self.aligned_distill(student_logits, batch, per_sequence), None)
-        teacher = self.teacher_logits(batch)
+        teacher = self.teacher_targets(batch)
         if per_sequence:
             per_token = self.ctx.divergence.per_token(student_logits, teacher)
             return per_sequence_mean(per_token, batch.response_mask).mean()
@@ -172,7 +178,7 @@ class MLE(Method):
     & Rush 2016) on the teacher's (its ``prepare_data`` swaps them in), and MiniLLM's first phase is one
     (Gu et al. 2024, Alg. 1: the student warmed up on the data)."""
     name = "mle"
-    needs_teacher = False
+    teacher_needs = frozenset()
 
     def loss(self, batch, step):
         nll = self.nll(self.logits(self.student, batch), batch)

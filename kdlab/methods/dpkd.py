@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from kdlab.config import OneOf, Range, Type
 from kdlab.data import Encoded, collate
-from kdlab.generation import encoded_rows, generate, sample_student
+from kdlab.generation import encoded_rows, sample_student
 from kdlab.methods.base import LossOutput, Method, per_sequence_mean, reverse_kl, token_logprobs
 from kdlab.modeling import disable_dropout
 
@@ -108,6 +108,11 @@ def prompt_key(prompt_ids: list[int]) -> str:
 
 class DPKD(Method):
     name = "dpkd"
+    # greedy teacher responses, the teacher's log-probs of both responses, and (its reverse-KL term, the
+    # token level's argmax) the teacher's full distribution: live only
+    teacher_needs = frozenset({"generation", "own_token_logprobs", "full_distribution"})
+    teacher_needs_across = ("needs the teacher's log-probabilities of the student's own token sequences (its "
+                            "preference reward), which a teacher with another tokenizer does not assign")
     schema = {**Method.schema, "beta": Range(0, low_open=True), "kd_ratio": Range(0), "lm_coef": Range(0),
               "preference": OneOf(*PREFERENCES), "level": OneOf("sequence", "token"),
               "chosen": OneOf("teacher", "gold"), "simpo_gamma": Range(0),
@@ -145,8 +150,8 @@ class DPKD(Method):
         fresh = {}
         missing = [i for i, k in enumerate(keys) if k not in self.teacher_responses]
         if missing:
-            generated = generate(self.teacher, self.ctx.tokenizer, batch.prompt_ids[missing],
-                                 batch.prompt_mask[missing], max_new_tokens=self.new_tokens(batch))
+            generated = self.teacher_io.generate(self.ctx.tokenizer, batch.prompt_ids[missing],
+                                                 batch.prompt_mask[missing], max_new_tokens=self.new_tokens(batch))
             fresh = {keys[i]: row.response_ids for i, row in zip(missing, encoded_rows(generated))}
             if self.cfg.cache_teacher:
                 self.teacher_responses.update(fresh)

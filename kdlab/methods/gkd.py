@@ -60,7 +60,10 @@ class GKD(Method):
     name = "gkd"
     schema = {**Method.schema, "lmbda": Range(0, 1), "normalize": OneOf("sequence", "token"),
               "disable_dropout": Type(bool), **SAMPLING_SCHEMA}
-    cross_tokenizer = True
+    # the teacher's distribution on the student's own samples (live or served); across tokenizers its full
+    # distribution over its own tokens (ULD)
+    teacher_needs = frozenset({"distribution"})
+    teacher_needs_across = frozenset({"full_distribution", "other_tokenizer"})
     uses_divergence = True
 
     def __init__(self, cfg, ctx):

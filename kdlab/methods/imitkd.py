@@ -54,7 +54,10 @@ class ImitKD(Method):
     name = "imitkd"
     schema = {**Method.schema, "schedule": OneOf("exponential", "linear"), "exp_base": Range(1, low_open=True),
               "decay_steps": Range(1, integer=True, optional=True), "disable_dropout": Type(bool), **SAMPLING_SCHEMA}
-    cross_tokenizer = True
+    # the teacher's distribution on the student's own samples (live or served); across tokenizers its full
+    # distribution over its own tokens (ULD)
+    teacher_needs = frozenset({"distribution"})
+    teacher_needs_across = frozenset({"full_distribution", "other_tokenizer"})
     uses_divergence = True
 
     def __init__(self, cfg, ctx):

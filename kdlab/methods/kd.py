@@ -4,8 +4,10 @@
 
 averaged over response tokens, where D is the ``divergence`` group (fkl, rkl, jsd, tvd, sfkl, srkl,
 akl), so ``method=kd divergence=rkl`` is the seed papers' "Reverse KD". The teacher runs once per
-micro-batch without gradients, and both models' LM heads run only at response positions. With
-``teacher.cache`` the teacher is not run: its top-k log-probs are read from the cache (sparse teacher).
+micro-batch without gradients, and both models' LM heads run only at response positions. With a cached
+(``teacher.cache``) or served (``teacher.serve.url``) teacher no teacher runs here: D takes its top-k
+log-probs renormalised over the k tokens (an approximation, README "Teachers"), and a served teacher is
+asked for the next micro-batch's while the student trains on this one (:meth:`look_ahead`).
 
 Across tokenizers (``divergence=uld`` / ``uld_hybrid``): D is taken over the aligned groups of the
 response re-tokenised for the teacher (:mod:`kdlab.alignment`) and the loss is ULD's own weighting
@@ -32,9 +34,15 @@ from kdlab.methods.base import LossOutput, Method
 class KD(Method):
     name = "kd"
     schema = {**Method.schema, "alpha": Range(0, 1)}
-    uses_teacher_cache = True
-    cross_tokenizer = True
     uses_divergence = True
+    # the teacher's distribution at the data's responses (top-k from a cache or a server); across tokenizers
+    # the full distribution over the teacher's own tokens (ULD), on the response re-tokenised for it
+    teacher_needs = frozenset({"data_distribution"})
+    teacher_needs_across = frozenset({"full_distribution", "other_tokenizer"})
+
+    def look_ahead(self, batch):
+        if self.ctx.cross_tokenizer is None:
+            self.teacher_io.prefetch(batch)
 
     def loss(self, batch, step):
         student = self.logits(self.student, batch)

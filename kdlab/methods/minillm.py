@@ -142,6 +142,11 @@ def clipped_surrogate(logprobs, old_logprobs, adv, weights, eps: float):
 
 class MiniLLM(Method):
     name = "minillm"
+    # its rollouts mix the teacher's distribution into every sampled token (Eq. 4), stepping the teacher's
+    # model itself, and its single-step term is the exact reverse KL over the whole vocabulary: live only
+    teacher_needs = frozenset({"weights", "full_distribution", "own_token_logprobs"})
+    teacher_needs_across = ("needs the teacher's log-probability of the student's own tokens (its reward), which a "
+                            "teacher with another tokenizer does not assign")
     schema = {**Method.schema, "sft_lr": Range(0, low_open=True), "sft_steps": Range(0, integer=True, optional=True),
               "sft_epochs": Range(1, integer=True, optional=True),
               "alpha": Range(0, 1), "rollouts": Range(1, integer=True), "ppo_epochs": Range(1, integer=True),

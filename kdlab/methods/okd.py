@@ -145,6 +145,10 @@ def checkpoint_blocks(teacher, cfg) -> None:
 
 class OKD(Method):
     name = "okd"
+    # the online module is trained inside the teacher: its weights, in this process (self.teacher)
+    teacher_needs = frozenset({"weights"})
+    teacher_needs_across = ("trains a module inside the teacher through a token-level divergence over one shared "
+                            "vocabulary")
     schema = {
         **Method.schema,
         "module_lr": Range(0),

@@ -48,7 +48,7 @@ from kdlab.checkpoint import atomic_dir
 from kdlab.config import ConfigError, Range, Type, check_section, content_key, plain
 from kdlab.data import Encoded, left_pad
 from kdlab.distributed import barrier, gather_objects
-from kdlab.generation import SAMPLING_SCHEMA, generate
+from kdlab.generation import SAMPLING_SCHEMA
 from kdlab.loggers import progress
 from kdlab.methods.base import MLE, Method
 
@@ -64,7 +64,7 @@ GENERATION_SCHEMA = {
 
 class SeqKD(MLE):
     name = "seqkd"
-    needs_teacher = True   # MLE on the responses the teacher writes (prepare_data)
+    teacher_needs = frozenset({"generation"})   # MLE on the responses the teacher writes (prepare_data)
     schema = {
         **Method.schema,
         "generation": Type(dict),
@@ -73,7 +73,8 @@ class SeqKD(MLE):
         "dtype": Type(str),
         "max_length": Range(1, integer=True),
     }
-    cross_tokenizer = True
+    # across tokenizers the teacher writes in its own tokens, re-encoded as text for the student (live only)
+    teacher_needs_across = frozenset({"generation", "other_tokenizer"})
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -160,10 +161,11 @@ class SeqKD(MLE):
             ids, mask = left_pad([list(p) for p in chunk], tok.pad_token_id)
             room = max(1, min(g.max_new_tokens, limit - len(chunk[0])))
             with runtime.autocast():
-                gen = generate(self.teacher, tok, ids.to(runtime.device), mask.to(runtime.device),
-                               max_new_tokens=room, do_sample=g.do_sample, temperature=g.temperature,
-                               top_p=g.top_p, top_k=g.top_k, no_repeat_ngram_size=g.no_repeat_ngram_size,
-                               seed=g.seed + i if g.do_sample else None, num_beams=g.num_beams)
+                gen = self.teacher_io.generate(
+                    tok, ids.to(runtime.device), mask.to(runtime.device), max_new_tokens=room, do_sample=g.do_sample,
+                    temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                    no_repeat_ngram_size=g.no_repeat_ngram_size, seed=g.seed + i if g.do_sample else None,
+                    num_beams=g.num_beams)
             for prompt, row, keep in zip(chunk, gen.response_ids, gen.response_mask.bool()):
                 out[prompt] = row[keep].tolist()[: limit - len(prompt)]
         return out

@@ -36,7 +36,7 @@ import torch
 from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json
 from kdlab.config import ConfigError, content_key, plain
-from kdlab.divergences import TopKLogProbs, topk_logprobs
+from kdlab.divergences import TopKLogProbs
 
 FORMAT = 1
 
@@ -69,7 +69,9 @@ def key_components(cfg, tokenizer) -> dict:
     """What cached top-k log-probs depend on, from a run's (or ``cache_teacher``'s) config."""
     from kdlab.data import prompt_template
 
-    teacher = {k: v for k, v in plain(cfg.teacher).items() if k != "cache"}
+    # where the teacher runs (a server, teacher.serve) is not what it computes: a cache built from a server
+    # serves a run of the same teacher
+    teacher = {k: v for k, v in plain(cfg.teacher).items() if k not in ("cache", "serve")}
     dataset = dict(plain(cfg.dataset))
     if dataset.get("source", dataset.get("name")) == "synthetic" and dataset.get("data_seed", 0) is None:
         dataset["run_seed"] = cfg.seed   # data_seed: null draws the examples from the run seed
@@ -115,15 +117,18 @@ class _ShardWriter:
 @torch.no_grad()
 def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, top_k: int, dtype: str = "float16",
                 batch_size: int = 8, shard_rows: int = 262_144, runtime=None, progress: bool = False) -> Path:
-    """Run ``teacher`` over ``items`` (:class:`kdlab.data.Encoded`) and write a cache into ``folder``."""
+    """Run ``teacher`` (a model, or a :class:`kdlab.teacher.interface.Teacher`: live or served) over ``items``
+    (:class:`kdlab.data.Encoded`) and write a cache into ``folder``."""
     from kdlab.data import collate
     from kdlab.loggers import progress as progress_bar
-    from kdlab.modeling import response_logits
+    from kdlab.teacher.interface import as_teacher
 
     vocab = len(tokenizer)
+    teacher = as_teacher(teacher, vocab)
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"cache.top_k={top_k} is out of range; the vocabulary has {vocab} tokens: set 1..{vocab}")
-    device = runtime.device if runtime is not None else next(teacher.parameters()).device
+    device = (runtime.device if runtime is not None else next(teacher.model.parameters()).device if teacher.model
+              else torch.device("cpu"))
     unique = {item_key(it): it for it in items}     # duplicated examples are computed once
     order = sorted(unique, key=lambda k: len(unique[k].prompt_ids) + len(unique[k].response_ids))
     index, total = {}, 0
@@ -135,8 +140,7 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
             keys = order[start: start + batch_size]
             batch = collate([unique[k] for k in keys], tokenizer.pad_token_id).to(device)
             with runtime.autocast() if runtime is not None else contextlib.nullcontext():
-                logits = response_logits(teacher, batch.input_ids, batch.attention_mask, batch.response_mask, vocab)
-            top = topk_logprobs(logits, top_k)
+                top = teacher.topk(batch, top_k)
             counts = batch.response_mask.sum(dim=1).tolist()
             for key, values, indices in zip(keys, top.values.split(counts), top.indices.split(counts)):
                 index[key] = writer.add(values, indices)
@@ -145,7 +149,8 @@ def build_cache(teacher, tokenizer, items, folder: Path, components: dict, *, to
         (tmp / "index.json").write_text(json.dumps(index))
         manifest = {"format": FORMAT, "components": components, "data": data_hash(items), "top_k": top_k,
                     "dtype": dtype, "examples": len(items), "unique_examples": len(unique), "rows": total,
-                    "shards": writer.shard, "teacher_dtype": str(next(teacher.parameters()).dtype)}
+                    "shards": writer.shard,
+                    "teacher_dtype": str(next(teacher.model.parameters()).dtype) if teacher.model else teacher.kind}
         # written last: a folder with a manifest is complete (and the rename makes it appear at once)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return folder

@@ -10,7 +10,8 @@
 # failures: bf16 `hardware=gpu` smoke jobs of every method (+experiment=smoke: tiny random models, no
 # embedded teacher), `hardware=zero2|zero3` through torchrun on one GPU, and the generation, kd_step and
 # onpolicy benchmarks in bf16 on a teacher of the embedded one's shape with random weights (from the
-# wheelhouse's smollm2-135m/; without it, on tiny models) and its 6-layer student. Results go
+# wheelhouse's smollm2-135m/; without it, on tiny models) and its 6-layer student; where vLLM is installed,
+# a kd job whose teacher is the embedded GGUF served by `vllm serve` (tests/gpu/served_vllm.sh). Results go
 # to one folder: $GPU_CHECK_RESULTS, else $OUT, else gpu-check-results/: summary.json (pass/fail/seconds
 # of each step, each job's results.json, the machine), gpu-check.log (every step's output) and
 # benchmarks.jsonl (the benchmark records). Exit code: 0 when every step passed, 1 otherwise.
@@ -51,6 +52,12 @@ plan() {
   printf 'bench-generation\t180\t%s\n' "$python -m benchmarks generation $bench $lengths"
   printf 'bench-kd_step\t180\t%s\n' "$python -m benchmarks kd_step $bench"
   printf 'bench-onpolicy\t180\t%s\n' "$python -m benchmarks onpolicy $bench $lengths --trl=false"
+  # a served teacher: `vllm serve` the embedded GGUF and train kd from it (only where vLLM is installed)
+  if "$python" -c 'import vllm' 2>/dev/null; then
+    local tokenizer=""
+    [ -f "$wheelhouse/smollm2-135m/tokenizer.json" ] && tokenizer="$wheelhouse/smollm2-135m"
+    printf 'served-vllm\t300\t%s\n' "bash tests/gpu/served_vllm.sh $work/runs/served-vllm $tokenizer"
+  fi
   # on-policy sampling under ZeRO-3 (every forward collective): last, as the costliest job
   printf 'zero3-gkd\t240\t%s\n' \
     "$python -m torch.distributed.run --standalone --nproc_per_node=1 -m kdlab.run $smoke method=gkd hardware=zero3 hydra.run.dir=$work/runs/zero3-gkd"
