@@ -24,9 +24,12 @@ from kdlab.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 
 
 def start(run_dir: Path, *args: str, log: Path) -> subprocess.Popen:
-    """A job in the background; its output goes to ``log`` (a pipe nobody reads would fill and block it)."""
+    """A job in the background; its output goes to ``log`` (a pipe nobody reads would fill and block it). Its
+    SIGINT is the default whatever pytest inherited: a shell without job control starts background commands
+    (``make test &``) with SIGINT ignored, and an ignored SIGINT stays ignored in the job, so Ctrl-C tests hang."""
     cmd = [sys.executable, "-m", "kdlab.run", "+experiment=smoke", "method=kd", *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=kdlab_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=kdlab_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def logged_steps(run_dir: Path) -> list[int]:
