@@ -89,3 +89,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+def tiny_teacher_cache(folder: Path, components: dict, **build):
+    """A top-k cache of the random ``tiny`` teacher over 6 synthetic training rows (byte tokenizer, alpaca
+    template), for tests that damage one: ``(folder, items)``."""
+    from omegaconf import OmegaConf
+
+    from kdlab.data import encode, load_splits
+    from kdlab.modeling import byte_tokenizer, random_model
+    from kdlab.teacher.topk_cache import build_cache
+
+    tokenizer = byte_tokenizer()
+    teacher = random_model(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml").random, len(tokenizer)).eval()
+    rows = load_splits({"name": "synthetic", "source": "synthetic", "sizes": {"train": 6}, "template": "alpaca",
+                        "max_prompt_length": 320, "max_length": 400}, 0)["train"]
+    items = encode(rows, tokenizer, "alpaca", 320, 400)
+    return build_cache(teacher, tokenizer, items, folder, components, top_k=4, **build), items

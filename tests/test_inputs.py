@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SHARED_DATA, run_kdlab
+from conftest import ROOT, SHARED_DATA, run_kdlab, tiny_teacher_cache
 from kdlab.config import ConfigError
 from kdlab.data import encode_sets, eval_datasets, format_prompt, load_splits
 from kdlab.modeling import ModelUnavailable, byte_tokenizer, random_model, resolve_folder
@@ -250,16 +250,7 @@ def test_a_broken_model_folder_is_one_line(saved_model, tmp_path, damage, match)
 
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
-    from kdlab.data import encode
-    from kdlab.teacher.topk_cache import build_cache
-
-    tok = byte_tokenizer()
-    teacher = random_model(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml").random, len(tok)).eval()
-    rows = load_splits({"name": "synthetic", "source": "synthetic", "sizes": {"train": 6}, "template": "alpaca",
-                        "max_prompt_length": 320, "max_length": 400}, 0)["train"]
-    folder = tmp_path_factory.mktemp("cache") / "c"
-    return build_cache(teacher, tok, encode(rows, tok, "alpaca", 320, 400), folder, {"teacher": {"name": "tiny"}},
-                       top_k=4)
+    return tiny_teacher_cache(tmp_path_factory.mktemp("cache") / "c", {"teacher": {"name": "tiny"}})[0]
 
 
 @pytest.mark.parametrize("damage, match", [

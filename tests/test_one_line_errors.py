@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_kdlab
+from conftest import ROOT, run_kdlab, tiny_teacher_cache
 
 CUSTOM_CONFIG = '''from transformers import LlamaConfig
 
@@ -209,20 +209,7 @@ def test_a_random_student_beside_a_teacher_of_another_vocabulary_is_refused(tmp_
 
 @pytest.fixture(scope="module")
 def cache_and_items(tmp_path_factory):
-    from omegaconf import OmegaConf
-
-    from kdlab.data import encode, load_splits
-    from kdlab.modeling import byte_tokenizer, random_model
-    from kdlab.teacher.topk_cache import build_cache
-
-    tokenizer = byte_tokenizer()
-    teacher = random_model(OmegaConf.load(ROOT / "conf/teacher/tiny.yaml").random, len(tokenizer)).eval()
-    rows = load_splits({"name": "synthetic", "source": "synthetic", "sizes": {"train": 6}, "template": "alpaca",
-                        "max_prompt_length": 320, "max_length": 400}, 0)["train"]
-    items = encode(rows, tokenizer, "alpaca", 320, 400)
-    folder = tmp_path_factory.mktemp("cache") / "c"
-    build_cache(teacher, tokenizer, items, folder, COMPONENTS, top_k=4, shard_rows=200)
-    return folder, items
+    return tiny_teacher_cache(tmp_path_factory.mktemp("cache") / "c", COMPONENTS, shard_rows=200)
 
 
 COMPONENTS = {"teacher": {"name": "tiny"}, "dataset": {"name": "synthetic"}, "template": "alpaca", "tokenizer": "t"}
