@@ -229,3 +229,48 @@ def test_cache_teacher_cli_then_training_without_a_teacher_in_memory(tmp_path):
     with pytest.raises(ConfigError, match="divergence=akl needs the teacher's full distribution"):
         validate_config(dense_only)
     validate_config(ignored)                  # sft has no teacher in its loss: teacher.cache is ignored
+
+
+@pytest.mark.parametrize("divergence,refused", [
+    ({"name": "rkl"}, True), ({"name": "jsd", "beta": 1.0}, True), ({"name": "srkl", "skew": 0.0}, True),
+    ({"name": "fkl"}, False), ({"name": "jsd", "beta": 0.5}, False), ({"name": "srkl", "skew": 0.1}, False)])
+def test_reverse_kl_from_a_top_k_below_the_vocabulary_is_refused_and_exact_caches_are_not(
+        setup, tmp_path, divergence, refused):
+    """Reverse KL and its limits see only the teacher's top-k support: below k = V their gradient is unrelated to
+    the full one (test_topk_approximation), so the job stops naming the fix; k = V is exact (the test above)."""
+    from kdlab.teacher import check_support
+
+    tok, teacher, items = setup
+    div = build_divergence(divergence)
+    for k in (20, V):
+        cached = CachedTeacher(TeacherCache(build_cache(teacher, tok, items[:4], tmp_path / f"c{k}",
+                                                        key_components(run_cfg(), tok), top_k=k)))
+        if refused and k < V:
+            with pytest.raises(ConfigError, match=rf"divergence={divergence['name']} from a cached teacher's "
+                                                   rf"top-20 of {V} tokens.*top_k={V}, or divergence=fkl"):
+                check_support(div, cached, V)
+        else:
+            check_support(div, cached, V)
+
+
+def test_a_job_with_reverse_kl_from_a_top_k_cache_stops_before_training(setup, tmp_path):
+    """build_job_method (what kdlab.run calls) applies the check; sft, which reads no teacher, is not refused."""
+    from types import SimpleNamespace
+
+    from kdlab.methods import build_job_method
+
+    tok, teacher, items = setup
+    folder = build_cache(teacher, tok, items, tmp_path / "c", key_components(run_cfg(), tok), top_k=5)
+    models = SimpleNamespace(teacher=None, teacher_tokenizer=None, tokenizer=tok, student=tiny_student())
+    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    for method, refused in (("kd", True), ("sft", False)):
+        cfg = run_cfg()
+        cfg.teacher.cache = str(folder)
+        cfg.train = OmegaConf.load(ROOT / "conf/config.yaml").train
+        cfg.method = OmegaConf.create({"name": method, "lr": 1e-3, **({"alpha": 0.5} if method == "kd" else {})})
+        cfg.divergence = OmegaConf.create({"name": "rkl"})
+        if refused:
+            with pytest.raises(ConfigError, match="divergence=rkl from a cached teacher's top-5"):
+                build_job_method(cfg, models, runtime, items)
+        else:
+            build_job_method(cfg, models, runtime, items)

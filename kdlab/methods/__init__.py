@@ -28,13 +28,16 @@ def build_job_method(cfg, models, runtime, train_items):
     from kdlab.alignment import CrossTokenizer
     from kdlab.divergences import build_divergence, is_cross_tokenizer
     from kdlab.methods.base import Context
-    from kdlab.teacher import build_teacher
+    from kdlab.teacher import build_teacher, check_support, method_needs
 
     cross = is_cross_tokenizer(cfg.divergence.name)
     divergence = build_divergence(cfg.divergence)
     if cross:
         divergence = divergence.bind(models.tokenizer, models.teacher_tokenizer)
-    teacher = build_teacher(cfg, models.teacher, models.teacher_tokenizer or models.tokenizer, runtime, train_items)
+    teacher_tokenizer = models.teacher_tokenizer or models.tokenizer
+    teacher = build_teacher(cfg, models.teacher, teacher_tokenizer, runtime, train_items)
+    if method_needs(method_class(cfg.method.name), cross):
+        check_support(divergence, teacher, len(teacher_tokenizer))
     ctx = Context(teacher=teacher, student=models.student, tokenizer=models.tokenizer, divergence=divergence,
                   runtime=runtime, train_cfg=cfg.train,
                   cross_tokenizer=CrossTokenizer(models.tokenizer, models.teacher_tokenizer, cfg.teacher.template)

@@ -13,5 +13,9 @@ class CachedTeacher(Teacher):
     def __init__(self, cache):
         self.cache = cache   # a kdlab.teacher.topk_cache.TeacherCache, checked against the job
 
+    @property
+    def top_k(self) -> int:
+        return self.cache.top_k
+
     def distribution(self, batch) -> TopKLogProbs:
         return self.cache.lookup(batch)
