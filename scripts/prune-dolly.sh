@@ -5,11 +5,12 @@
 # each criterion, width pruning, depth + width. Forward passes only: `python -m kdlab.prune` per row (its last
 # line is a JSON object). The importance is measured once, on the first 64 training rows (2 shared CPU cores:
 # the default 256 costs a full-teacher pass over 256 rows), and shared by every row
-# (<output_dir>/students/*.importance.json).
+# (<output_dir>/students/*.importance.json). student=smollm2-6l: a base whose prune settings are all defaults, so
+# that each row sets its whole shape (dolly-cpu's own student is pruned, and its settings would merge in).
 #   OUT=/tmp/prune-dolly scripts/prune-dolly.sh > prune-dolly.jsonl
 set -euo pipefail
 OUT=${OUT:-outputs}
-common=(+experiment=dolly-cpu train.valid_examples=null eval.test_examples=100 "output_dir=$OUT"
+common=(+experiment=dolly-cpu student=smollm2-6l train.valid_examples=null eval.test_examples=100 "output_dir=$OUT"
         "report.splits=[valid,test]" report.teacher=false)
 pruned=(student.init=pruned student.num_layers=null)
 row() { echo "# $*" >&2; python -m kdlab.prune "${common[@]}" "$@" | tail -n 1; }
@@ -36,3 +37,5 @@ prune depth-width-25b-loss num_layers:10,intermediate_size:1024,depth_criterion:
 prune width-50-mlp intermediate_size:512                                                       # 50 %
 prune width-50-l2 num_attention_heads:6,intermediate_size:640,width_aggregation:l2
 prune depth-width-25c num_layers:12,intermediate_size:768                                      # 25 %
+# Minitron's teacher correction: the same shape pruned from the fine-tuned teacher (dolly-cpu's teacher.finetune)
+prune depth-width-50-loss-ft num_layers:20,intermediate_size:1024,depth_criterion:loss,calibration_rows:16,source:finetuned
