@@ -49,10 +49,28 @@ SCHEMA = {
 }
 
 
+def run_steps(train_cfg, examples: int) -> int:
+    """The run's length in optimizer steps: ``train.max_steps``, else ``train.epochs`` passes over ``examples``
+    training examples in batches of ``train.batch_size`` (a last partial batch is dropped)."""
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps
+    return train_cfg.epochs * (examples // train_cfg.batch_size)
+
+
+def check_length(key: str, max_steps, epochs) -> None:
+    """Exactly one of ``max_steps`` and ``epochs`` gives a run's length: with both null there is none, and with
+    both set ``max_steps`` would decide alone and ``epochs`` be silently ignored."""
+    if max_steps is None and epochs is None:
+        raise ConfigError(f"{key}.max_steps and {key}.epochs are both null; set one of them")
+    if max_steps is not None and epochs is not None:
+        raise ConfigError(f"{key}.max_steps={max_steps} and {key}.epochs={epochs} are both set, and max_steps would "
+                          f"decide alone; set {key}.max_steps=null to train {epochs} epoch(s), or {key}.epochs=null "
+                          f"to train {max_steps} steps")
+
+
 def validate_train(cfg) -> None:
     check_section("train", cfg, SCHEMA)
-    if cfg.max_steps is None and cfg.epochs is None:
-        raise ConfigError("train.max_steps and train.epochs are both null; set one of them")
+    check_length("train", cfg.max_steps, cfg.epochs)
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}; "
                           f"make batch_size a multiple of grad_accum")
@@ -84,10 +102,11 @@ class Trainer:
                               f"every micro-batch")
 
     def steps_for(self, phase) -> int:
-        tc, per_epoch = self.train_cfg, len(self.train_items) // self.train_cfg.batch_size
-        if phase.max_steps is not None or phase.epochs is not None:
-            return phase.max_steps if phase.max_steps is not None else phase.epochs * per_epoch
-        return tc.max_steps if tc.max_steps is not None else tc.epochs * per_epoch
+        if phase.max_steps is not None:
+            return phase.max_steps
+        if phase.epochs is not None:
+            return phase.epochs * (len(self.train_items) // self.train_cfg.batch_size)
+        return run_steps(self.train_cfg, len(self.train_items))
 
     def elapsed(self) -> float:
         return self.time_before + time.time() - self.started

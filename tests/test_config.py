@@ -45,6 +45,12 @@ def test_every_group_option_validates():
     ("train.batch_size=0", "train.batch_size=0"),
     ("+method.alhpa=0.3", "method.alhpa is not a known key"),
     ("seed=abc", "seed='abc'"),
+    # both lengths set: max_steps would decide alone and epochs be ignored
+    ("train.epochs=2", r"train.max_steps=150 and train.epochs=2 are both set.*train.max_steps=null to train 2 "
+                       r"epoch\(s\), or train.epochs=null to train 150 steps"),
+    ("train.max_steps=null", "train.max_steps and train.epochs are both null"),
+    ("+teacher.finetune={max_steps:100,epochs:1}", "teacher.finetune.max_steps=100 and teacher.finetune.epochs=1 "
+                                                   "are both set"),
 ])
 def test_out_of_range_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -204,13 +204,19 @@ def test_imitkd_mixes_gold_and_student_rows_and_queries_the_teacher_on_them():
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_imitkd_needs_a_schedule_length_when_training_by_epochs():
-    from kdlab.config import ConfigError
+def test_imitkd_decays_over_the_whole_run_when_training_by_epochs():
+    """decay_steps null and train.max_steps null: I is train.epochs x the steps per epoch (the trainer's count,
+    run_steps), known from the training examples; beta(I) is the schedule's end."""
+    from kdlab.trainer import run_steps
 
     method = make(ImitKD, divergence="fkl", schedule="linear", exp_base=200.0, decay_steps=5, **SAMPLING)
-    with pytest.raises(ConfigError, match="method.decay_steps"):
-        ImitKD(OmegaConf.create({**method.cfg, "decay_steps": None}),
-               Context(**{**vars(method.ctx), "train_cfg": OmegaConf.create({"max_steps": None})}))
+    train_cfg = OmegaConf.create({"max_steps": None, "epochs": 3, "batch_size": 4})
+    imit = ImitKD(OmegaConf.create({**method.cfg, "decay_steps": None}),
+                  Context(**{**vars(method.ctx), "train_cfg": train_cfg}))
+    train = items("train", 10)
+    assert imit.prepare_data(train) is train
+    assert imit.decay_steps == 3 * (10 // 4) == run_steps(train_cfg, 10)
+    assert imit.beta(0) == 1.0 and imit.beta(3) == pytest.approx(0.5) and imit.beta(6) == 0.0
 
 
 @pytest.mark.parametrize("cls,extra", [(GKD, {"lmbda": 1.0, "normalize": "sequence"}),

@@ -16,8 +16,9 @@ training (``schedule``):
   so beta goes from 1 to 1/200 = 0.005;
 - ``linear``: beta_i = 1 - i / I,
 
-with i the optimizer step (0-based) and I = ``decay_steps`` (null: ``train.max_steps``), beta staying
-at its final value after I. The per-sequence coin flips come from the global torch RNG (saved in
+with i the optimizer step (0-based) and I = ``decay_steps`` (null: the run's length, ``train.max_steps`` or,
+training by epochs, ``train.epochs`` times the steps per epoch, known once the training examples are: kdlab's
+choice, so that beta reaches its final value as training ends), beta staying at its final value after I. The per-sequence coin flips come from the global torch RNG (saved in
 checkpoints, so a resumed run repeats them). Sampling uses the student in eval mode (no dropout) with
 ``temperature`` / ``top_k`` / ``top_p`` (default plain sampling at temperature 1; the released IWSLT
 config samples from the top 5) and at most ``max_new_tokens`` tokens; sampled tokens carry no gradient.
@@ -44,10 +45,11 @@ from __future__ import annotations
 
 import torch
 
-from kdlab.config import ConfigError, OneOf, Range, Type
+from kdlab.config import OneOf, Range, Type
 from kdlab.generation import SAMPLING_SCHEMA, sample_student, sampling_settings
 from kdlab.methods.base import LossOutput, Method
 from kdlab.modeling import disable_dropout
+from kdlab.trainer import run_steps
 
 
 class ImitKD(Method):
@@ -62,12 +64,14 @@ class ImitKD(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.decay_steps = cfg.decay_steps or ctx.train_cfg.max_steps
-        if self.decay_steps is None:
-            raise ConfigError("method=imitkd needs the length of its beta schedule: train.max_steps is null "
-                              "(training by epochs), so set method.decay_steps=<optimizer steps>")
+        self.decay_steps = cfg.decay_steps or ctx.train_cfg.max_steps   # by epochs: set in prepare_data
         if cfg.disable_dropout:
             disable_dropout(self.student)
+
+    def prepare_data(self, train_items: list) -> list:
+        if self.decay_steps is None:
+            self.decay_steps = run_steps(self.ctx.train_cfg, len(train_items))
+        return train_items
 
     def beta(self, step: int) -> float:
         """Probability that a sequence is the gold one at optimizer step ``step``."""

@@ -49,7 +49,7 @@ from kdlab import runlock
 from kdlab.checkpoint import atomic_dir, read_json, recover_dir
 from kdlab.config import ConfigError, OneOf, Range, Type, check_section, check_under, content_key, plain
 from kdlab.modeling import ModelUnavailable, check_folder, lora_config
-from kdlab.trainer import SCHEMA as TRAIN_SCHEMA
+from kdlab.trainer import SCHEMA as TRAIN_SCHEMA, check_length
 
 DEFAULTS = {
     "mode": "full",          # full | lora
@@ -99,8 +99,7 @@ def validate_finetune(key: str, value) -> None:
                           f"{key}={{max_steps:150,lr:5e-5}}")
     check_section(key, {**DEFAULTS, **plain(value)}, SCHEMA, ignore=())
     s = settings(value)
-    if s["max_steps"] is None and s["epochs"] is None:
-        raise ConfigError(f"{key}.max_steps and {key}.epochs are both null; set one of them")
+    check_length(key, s["max_steps"], s["epochs"])
     if s["batch_size"] % s["grad_accum"]:
         raise ConfigError(f"{key}.batch_size={s['batch_size']} is not divisible by {key}.grad_accum="
                           f"{s['grad_accum']}; make batch_size a multiple of grad_accum")
