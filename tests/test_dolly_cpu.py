@@ -15,10 +15,47 @@ def test_dolly_cpu_composes_for_every_method(method):
         cfg = compose("config", ["+experiment=dolly-cpu", f"method={method}"])
     validate_config(cfg)
     assert cfg.dataset.name == "dolly" and cfg.dataset.path.endswith("shared/data/dolly-1k")
-    assert cfg.teacher.name == "smollm2-135m" and cfg.teacher.finetune.epochs == 1
+    assert cfg.teacher.name == "smollm2-135m" and cfg.teacher.finetune.max_steps == 100
+    assert cfg.teacher.finetune.epochs is None
     assert cfg.student.name == "smollm2-pruned-50" and cfg.student.init == "pruned"   # measured: RESULTS.md
     assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.eval.test_examples >= 100
     assert list(cfg.eval.datasets) == ["sni", "unni"] and cfg.eval.analysis.enabled
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_of_the_sweep_builds_with_its_length_in_epochs(method, tmp_path):
+    """Each job's method built from the sweep's own method and train sections (one epoch, train.max_steps null),
+    on tiny random models, and given training examples: what kdlab.run does before its first step. ImitKD once
+    stopped there (its beta schedule needed train.max_steps), which only the 27-job sweep would have shown."""
+    import torch
+
+    from conftest import conf_option
+    from kdlab.data import encode
+    from kdlab.data.synthetic import make_synthetic
+    from kdlab.divergences import build_divergence
+    from kdlab.hardware import Runtime
+    from kdlab.methods import build_method
+    from kdlab.methods.base import Context
+    from kdlab.modeling import byte_tokenizer, freeze, random_model
+    from kdlab.trainer import run_steps
+
+    sweep = "dolly-cpu-minillm" if method == "minillm" else "dolly-cpu"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", ["+experiment=dolly-cpu", f"+sweep={sweep}", f"method={method}",
+                                 f"output_dir={tmp_path}"]
+                      + (["method.generation.max_new_tokens=4"] if method == "seqkd" else []))   # kept short
+    tok = byte_tokenizer()
+    teacher = freeze(random_model(conf_option("teacher", "tiny").random, len(tok)).eval())
+    ctx = Context(teacher=teacher, student=random_model(conf_option("student", "tiny").random, len(tok)),
+                  tokenizer=tok, divergence=build_divergence(cfg.divergence), runtime=Runtime(torch.device("cpu"),
+                  torch.float32), train_cfg=cfg.train)
+    built = build_method(cfg.method, ctx)
+    rows = make_synthetic(0, {"train": 16, "valid": 1, "test": 1})["train"]
+    items = encode(rows, tok, "alpaca", 320, 400)
+    trained_on = built.prepare_data(items)
+    assert len(trained_on) == len(items) and built.phases()
+    if method == "imitkd":
+        assert built.decay_steps == run_steps(cfg.train, len(items)) == 16 // cfg.train.batch_size
 
 
 def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
