@@ -2,7 +2,7 @@
 # RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds, seed by seed so that a partial
 # run has every method, then the reference rows (fine-tuned teacher, student_init) and the report with paired
 # intervals against SFT. Finished jobs are skipped and interrupted ones resume: run it again to continue.
-#   scripts/dolly-cpu.sh            (about 5 hours on 2 CPU cores; OUTPUT_DIR=... to write elsewhere)
+#   scripts/dolly-cpu.sh            (estimated 8-9 hours on 2 idle CPU cores, RESULTS.md; OUTPUT_DIR=... to write elsewhere)
 set -uo pipefail
 out=${OUTPUT_DIR:-outputs}
 python=${PYTHON:-python}
