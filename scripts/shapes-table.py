@@ -2,12 +2,15 @@
 scripts/shapes-dolly.sh (``<OUT>/runs/shape-<name>-<method>/*/``), read from each run's results.json (greedy
 ROUGE-L and response-token loss of ``student_init`` and ``student`` on the ``valid`` and ``dolly`` (test) sets),
 metrics.jsonl (median ``train/step_time_s``) and the trained student's config.json and safetensors header.
-    python scripts/shapes-table.py /work/shapes/runs > results/shapes-dolly.md
+Then, per method, each shape's ROUGE-L minus the ``--against`` shape's (default ``even-15``, the even cut) over
+the same valid / test rows, with a 95 % paired bootstrap interval over rows (10,000 resamples, seed 0; one
+training seed, so seed variance is not in it), and KD minus SFT per shape, the same way.
+    python scripts/shapes-table.py /work/shapes/runs [--against even-15] > results/shapes-dolly.md
 """
+import argparse
 import json
 import statistics
 import struct
-import sys
 from pathlib import Path
 
 
@@ -38,7 +41,45 @@ def cell(results: dict, model: str, dataset: str) -> str:
     return "—" if scores is None else f"{scores['rougeL']:.2f} / {scores['loss']:.2f}"
 
 
-def main(root: Path) -> None:
+def paired(a: dict, b: dict) -> str:
+    """mean of a - b over the rows both scored, and its 95 % bootstrap interval over rows."""
+    import numpy as np
+
+    ra, rb = (dict(zip(x["per_row"]["id"], x["per_row"]["rougeL"])) for x in (a, b))
+    d = np.array([ra[i] - rb[i] for i in sorted(ra) if i in rb])
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), (10_000, len(d)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}] ({len(d)} rows)"
+
+
+def differences(root: Path, names: list[str], against: str) -> None:
+    print(f"\nROUGE-L minus {against}'s, same method, paired over rows (95 % bootstrap interval):\n")
+    print("| shape | method | valid | test |")
+    print("|---|---|---|---|")
+    for method in ("sft", "kd"):
+        base = one_run(root, against, method)
+        if base is None:
+            continue
+        base = json.loads((base / "results.json").read_text())["eval"]["student"]
+        for name in names:
+            run = one_run(root, name, method)
+            if name == against or run is None:
+                continue
+            student = json.loads((run / "results.json").read_text())["eval"]["student"]
+            print(f"| {name} | {method} | {paired(student['valid'], base['valid'])} | "
+                  f"{paired(student['dolly'], base['dolly'])} |")
+    print("\nKD minus SFT, same shape, paired over rows:\n")
+    print("| shape | valid | test |")
+    print("|---|---|---|")
+    for name in names:
+        runs = [one_run(root, name, m) for m in ("kd", "sft")]
+        if all(runs):
+            kd, sft = (json.loads((r / "results.json").read_text())["eval"]["student"] for r in runs)
+            print(f"| {name} | {paired(kd['valid'], sft['valid'])} | {paired(kd['dolly'], sft['dolly'])} |")
+
+
+def main(root: Path, against: str) -> None:
     names = sorted({p.name[len("shape-"):].rsplit("-", 1)[0] for p in root.glob("shape-*")})
     print("| shape | blocks | heads / kv | MLP | block params | all params | s/step SFT | s/step KD "
           "| start valid | SFT valid | KD valid | start test | SFT test | KD test |")
@@ -64,7 +105,12 @@ def main(root: Path) -> None:
     if teacher:
         print(f"\nFine-tuned teacher (ROUGE-L / loss): valid {cell(teacher, 'teacher', 'valid')}, "
               f"test {cell(teacher, 'teacher', 'dolly')}")
+    differences(root, names, against)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="<OUT>/runs of scripts/shapes-dolly.sh")
+    parser.add_argument("--against", default="even-15", help="the shape every other is compared with")
+    args = parser.parse_args()
+    main(args.runs, args.against)
