@@ -18,8 +18,9 @@ training (``schedule``):
 
 with i the optimizer step (0-based) and I = ``decay_steps`` (null: the run's length, ``train.max_steps`` or,
 training by epochs, ``train.epochs`` times the steps per epoch, known once the training examples are: kdlab's
-choice, so that beta reaches its final value as training ends), beta staying at its final value after I. The per-sequence coin flips come from the global torch RNG (saved in
-checkpoints, so a resumed run repeats them). Sampling uses the student in eval mode (no dropout) with
+choice, so that beta reaches its final value as training ends), beta staying at its final value after I.
+The per-sequence coin flips come from the global torch RNG (saved in checkpoints, so a resumed run repeats
+them). Sampling uses the student in eval mode (no dropout) with
 ``temperature`` / ``top_k`` / ``top_p`` (default plain sampling at temperature 1; the released IWSLT
 config samples from the top 5) and at most ``max_new_tokens`` tokens; sampled tokens carry no gradient.
 
