@@ -49,12 +49,13 @@ SCHEMA = {
 }
 
 
-def run_steps(train_cfg, examples: int) -> int:
-    """The run's length in optimizer steps: ``train.max_steps``, else ``train.epochs`` passes over ``examples``
-    training examples in batches of ``train.batch_size`` (a last partial batch is dropped)."""
-    if train_cfg.max_steps is not None:
-        return train_cfg.max_steps
-    return train_cfg.epochs * (examples // train_cfg.batch_size)
+def run_steps(train_cfg, examples: int, max_steps=None, epochs=None) -> int:
+    """A length in optimizer steps: ``max_steps``, else ``epochs`` passes over ``examples`` training examples in
+    batches of ``train.batch_size`` (a last partial batch is dropped); with neither given (a phase that sets no
+    length of its own), the run's ``train.max_steps`` / ``train.epochs``."""
+    if max_steps is None and epochs is None:
+        max_steps, epochs = train_cfg.max_steps, train_cfg.epochs
+    return max_steps if max_steps is not None else epochs * (examples // train_cfg.batch_size)
 
 
 def check_length(key: str, max_steps, epochs) -> None:
@@ -102,11 +103,7 @@ class Trainer:
                               f"every micro-batch")
 
     def steps_for(self, phase) -> int:
-        if phase.max_steps is not None:
-            return phase.max_steps
-        if phase.epochs is not None:
-            return phase.epochs * (len(self.train_items) // self.train_cfg.batch_size)
-        return run_steps(self.train_cfg, len(self.train_items))
+        return run_steps(self.train_cfg, len(self.train_items), phase.max_steps, phase.epochs)
 
     def elapsed(self) -> float:
         return self.time_before + time.time() - self.started
