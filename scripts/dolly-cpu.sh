@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds, seed by seed so that a partial
-# run has every method, then the reference rows (fine-tuned teacher, student_init) and the report with paired
-# intervals against SFT. Finished jobs are skipped and interrupted ones resume: run it again to continue.
-#   scripts/dolly-cpu.sh            (estimated 8-9 hours on 2 idle CPU cores, RESULTS.md; OUTPUT_DIR=... to write elsewhere)
+# RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds (27 jobs), seed by seed so that a
+# partial run has every method, then the reference rows (the fine-tuned teacher and student_init, evaluated by
+# kdlab.eval without training) and the report with paired intervals against SFT. Finished jobs are skipped and
+# interrupted ones resume: run it again to continue.
+#   scripts/dolly-cpu.sh                         one job at a time
+#   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md ran this
+#                                                    on 2 cores: more throughput than one job on two threads)
+#   OUTPUT_DIR=... to write elsewhere (default outputs); PYTHON=... for another interpreter.
 set -uo pipefail
 out=${OUTPUT_DIR:-outputs}
 python=${PYTHON:-python}
+jobs=${JOBS:-1}
 status=0
+# One line per job: its sweep and the overrides that pick one job of it (each job is a one-job multirun, so it
+# lands in the sweep's own folder, outputs/multirun/dolly-cpu/<method>-<student>-s<seed>/).
 for seed in 1 2 3; do
-  for sweep in dolly-cpu dolly-cpu-rkl dolly-cpu-minillm; do
-    "$python" -m kdlab.run +experiment=dolly-cpu +sweep=$sweep hydra.sweeper.params.seed=$seed "output_dir=$out" || status=1
+  for method in sft kd seqkd imitkd gkd dpkd okd; do
+    echo "dolly-cpu hydra.sweeper.params.seed=$seed hydra.sweeper.params.method=$method"
   done
-done
-"$python" -m kdlab.run +experiment=dolly-cpu method=sft 'eval.models=[teacher,student_init,student]' "output_dir=$out" || status=1
+  echo "dolly-cpu-rkl hydra.sweeper.params.seed=$seed"
+  echo "dolly-cpu-minillm hydra.sweeper.params.seed=$seed"
+done | xargs -P "$jobs" -L 1 bash -c \
+  'python=$0 out=$1 sweep=$2; shift 2; "$python" -m kdlab.run +experiment=dolly-cpu "+sweep=$sweep" "$@" "output_dir=$out"' \
+  "$python" "$out" || status=1
+# The reference rows: the fine-tuned teacher, and the pruned student before training (kdlab.eval's `student`
+# row without student.path is the student as its group builds it: student_init).
+"$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" || status=1
 "$python" -m kdlab.report "$out/multirun/dolly-cpu" --out results/dolly-cpu --baseline sft || status=1
 exit $status

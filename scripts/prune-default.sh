@@ -11,3 +11,6 @@ row() { echo "# $*" >&2; "$python" -m kdlab.prune "${common[@]}" "$@" | tail -n 
 row student.name=even-6
 row student.name=bi-6 student.init=pruned student.num_layers=null 'student.prune={num_layers:6,depth_criterion:block_influence,calibration_rows:16}'
 row student.name=loss-6 student.init=pruned student.num_layers=null 'student.prune={num_layers:6,depth_criterion:loss,calibration_rows:16}'
+# depth + width at the same block parameters as 6 whole blocks (21.2 M): more blocks, fewer MLP neurons
+row student.name=bi-12x512 student.init=pruned student.num_layers=null 'student.prune={num_layers:12,intermediate_size:512,depth_criterion:block_influence,calibration_rows:16}'
+row student.name=bi-10x768 student.init=pruned student.num_layers=null 'student.prune={num_layers:10,intermediate_size:768,depth_criterion:block_influence,calibration_rows:16}'
