@@ -69,6 +69,39 @@ def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
     assert Path(CONF_DIR, "sweep", "dolly-cpu-rkl.yaml").read_text().count("rkl") >= 1
 
 
+def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_report(tmp_path):
+    """scripts/dolly-cpu.sh with a stand-in interpreter that records its arguments: with JOBS=2 every one of the
+    27 (sweep, method, seed) jobs is started once, as a one-job multirun of its sweep, before the reference rows
+    (kdlab.eval) and the report."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    root = Path(CONF_DIR).parent
+    subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
+                   env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out")})
+    lines = calls.read_text().splitlines()
+    runs = [line.split() for line in lines if line.startswith("-m kdlab.run ")]
+    jobs = set()
+    for args in runs:
+        given = dict(a.split("=", 1) for a in args[2:] if "=" in a)
+        assert given["+experiment"] == "dolly-cpu" and given["output_dir"] == str(tmp_path / "out")
+        params = {k.removeprefix("hydra.sweeper.params."): v for k, v in given.items() if k.startswith("hydra.")}
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            swept = compose("config", ["+experiment=dolly-cpu", f"+sweep={given['+sweep']}",
+                                       *(f"hydra.sweeper.params.{k}={v}" for k, v in params.items())],
+                            return_hydra_config=True).hydra.sweeper.params
+        assert all("," not in str(v) for v in swept.values()), swept   # one job per call
+        jobs.add((swept["method"] if "method" in swept else "minillm", swept.get("divergence"), swept["seed"]))
+    assert len(runs) == len(jobs) == 27
+    assert {m for m, _, _ in jobs} == set(METHODS)
+    assert lines[-2].startswith("-m kdlab.eval +experiment=dolly-cpu eval.models=[teacher,student]")
+    assert lines[-1].startswith("-m kdlab.report")
+
+
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
          "teacher.finetune.epochs=null", "teacher.finetune.batch_size=4", "teacher.finetune.save_every=1",
          "train.max_steps=2", "train.epochs=null", "train.eval_every=null",
@@ -99,4 +132,13 @@ def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
     report = (tmp_path / "multirun" / "dolly-cpu" / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-pruned-50 |")]
     assert sorted(row.split(" | ")[2].split(" ")[0] for row in rows) == ["kd", "sft"], proc.stdout[-2000:]
+    # the reference rows, as scripts/dolly-cpu.sh measures them: kdlab.eval of the teacher and the untrained
+    # pruned student, reusing the sweep's fine-tuned teacher and pruned student
+    run_kdlab("+experiment=dolly-cpu", *SMOKE, "eval.models=[teacher,student]", f"output_dir={tmp_path}",
+              module="kdlab.eval")
+    [reference] = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("results.json")]
+    assert set(reference["eval"]) == {"teacher", "student"}
+    assert all(set(rows) == {"dolly", "sni", "unni"} for rows in reference["eval"].values())
+    assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1
+    assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1
 
