@@ -16,8 +16,9 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
 - with ``--baseline <method>``, a second table per student: each method's difference from the baseline
   (method − baseline) with two paired 95 % intervals, one over test rows (bootstrap) and one over
   seeds (t), see :func:`paired_difference`. The pairing is by
-  training seed and by test row (the example ``id`` of ``eval.<model>.<dataset>.per_row``), so only
-  metrics with per-row scores (``rougeL``, ``exact_match``) get one.
+  training seed and by test row (the example ``id`` of ``eval.<model>.<dataset>.per_row``: ``rougeL``,
+  ``exact_match``); a metric without per-row scores (``exaccerr.l=16``, ``top1``) is paired by seed only and
+  gets the t-interval alone (MiniLLM's exposure-bias claim is read this way).
 - ``report.csv``: the same numbers in long form (one row per cell).
 - ``curves_<table>.png``: validation metric (``valid/<metric>`` in ``metrics.jsonl``) over training
   steps, mean over seeds per method; ``unc_<table>_<dataset>.png``: per UNC bucket, one line per method
@@ -300,7 +301,8 @@ class Difference:
     def __str__(self) -> str:
         seed_low, seed_high = self.seed_interval
         seeds = "-" if math.isnan(seed_low) else f"[{seed_low:+.2f}, {seed_high:+.2f}]"
-        return f"{self.estimate:+.2f} [{self.low:+.2f}, {self.high:+.2f}] / {seeds} ({self.seeds}×{self.rows})"
+        rows = f"[{self.low:+.2f}, {self.high:+.2f}]" if self.rows else "-"
+        return f"{self.estimate:+.2f} {rows} / {seeds} ({self.seeds}×{self.rows or '-'})"
 
 
 def per_row_scores(run: Run, model: str, dataset: str, metric: str) -> dict[str, float] | None:
@@ -331,6 +333,20 @@ def paired_rows(row: Row, base: Row, dataset: str, metric: str) -> tuple[list, l
     return seeds, ids, np.array([[scores[0][s][i] - scores[1][s][i] for i in ids] for s in seeds])
 
 
+def seed_differences(row: Row, base: Row, dataset: str, metric: str) -> dict:
+    """``{seed: row's metric − base's}`` over the seeds both evaluated on ``dataset`` (a second run of one seed is
+    ignored): the pairing of a metric with no per-row scores (ExAccErr, the UNC-bucket numbers)."""
+    values = []
+    for r in (row, base):
+        by_seed: dict = {}
+        for run in r.runs:
+            value = _dig(run.eval, f"{r.model}.{dataset}.{metric}")
+            if isinstance(value, (int, float)):
+                by_seed.setdefault(run.meta.get("seed"), float(value))
+        values.append(by_seed)
+    return {s: values[0][s] - values[1][s] for s in sorted(set(values[0]) & set(values[1]), key=str)}
+
+
 def bootstrap_means(differences: np.ndarray, dataset: str, replicates: int) -> np.ndarray:
     """``replicates`` bootstrap means of ``differences`` (seeds x rows) over test rows: each replicate draws
     the row indices once, with replacement, and applies them to every seed and to both methods (a row's
@@ -347,25 +363,29 @@ def paired_difference(row: Row, base: Row, datasets: list[str], metric: str,
     percentile interval over test rows from :func:`bootstrap_means` (2.5th and 97.5th percentiles, numpy's
     linear interpolation), which covers the test set's sampling given the trained students, and the 95 %
     t-interval over seeds of the per-seed mean differences, which covers the training seeds' spread on
-    this test set. ``AVG`` is the mean over datasets: its replicates are the means of the datasets'
-    replicates, its per-seed values the means over datasets (seeds every dataset pairs); only when
-    every dataset has a pairing."""
+    this test set. A metric without per-row scores is paired over seeds only (:func:`seed_differences`: the
+    mean over shared seeds and the t-interval, no row interval, ``rows`` 0). ``AVG`` is the mean over
+    datasets: its replicates are the means of the datasets' replicates, its per-seed values the means over
+    datasets (seeds every dataset pairs); only when every dataset has a pairing of the same kind."""
     out: dict[str, Difference | None] = {}
     replicated = {}
     for dataset in datasets:
         paired = paired_rows(row, base, dataset, metric)
         if paired is None:
-            out[dataset] = None
+            per_seed = seed_differences(row, base, dataset, metric)
+            out[dataset] = (Difference(statistics.fmean(per_seed.values()), math.nan, math.nan, per_seed, 0)
+                            if per_seed else None)
             continue
         seeds, ids, differences = paired
         replicated[dataset] = bootstrap_means(differences, dataset, replicates)
         out[dataset] = Difference(float(differences.mean()), *np.percentile(replicated[dataset], PERCENTILES),
                                   dict(zip(seeds, differences.mean(axis=1).tolist())), len(ids))
-    if datasets and len(replicated) == len(datasets):
-        averaged = np.mean([replicated[d] for d in datasets], axis=0)
+    seeds_only = datasets and all(out[d] is not None and out[d].rows == 0 for d in datasets)
+    if datasets and (len(replicated) == len(datasets) or seeds_only):
+        low, high = np.percentile(np.mean([replicated[d] for d in datasets], axis=0), PERCENTILES) \
+            if replicated else (math.nan, math.nan)
         seeds = [s for s in out[datasets[0]].per_seed if all(s in out[d].per_seed for d in datasets)]
-        out["AVG"] = Difference(statistics.fmean(out[d].estimate for d in datasets),
-                                *np.percentile(averaged, PERCENTILES),
+        out["AVG"] = Difference(statistics.fmean(out[d].estimate for d in datasets), low, high,
                                 {s: statistics.fmean(out[d].per_seed[s] for d in datasets) for s in seeds},
                                 sum(out[d].rows for d in datasets))
     else:
@@ -551,7 +571,7 @@ def _table(key: tuple, runs: list[Run], metric: str, out: Path, csv_rows: list[d
                 "train_time_s": _number(seconds), "tokens_per_s": _number(speed),
                 "baseline": base.method if diffs else "",
                 **({} if diff is None else {
-                    "diff": diff.estimate, "diff_low": diff.low, "diff_high": diff.high,
+                    "diff": diff.estimate, "diff_low": _number(diff.low), "diff_high": _number(diff.high),
                     "diff_seed_low": _number(diff.seed_interval[0]), "diff_seed_high": _number(diff.seed_interval[1]),
                     "diff_seeds": diff.seeds, "diff_rows": diff.rows}),
             })
@@ -561,10 +581,11 @@ def _table(key: tuple, runs: list[Run], metric: str, out: Path, csv_rows: list[d
         missing = sorted({r.student for r in rows if r.model == "student"} - {s for _, s in bases})
         md += [f"Difference from `{baseline}` (method − {baseline}, same teacher and student): mean over the "
                "paired seeds and test rows [95 % bootstrap interval over test rows] / [95 % t-interval over "
-               "seeds] (seeds × rows paired)."
+               "seeds] (seeds × rows paired; rows `-`: the metric has no per-row scores, so it is paired over "
+               "seeds only)."
                + (f" No `{baseline}` row for student {', '.join(missing)}." if missing else ""), ""]
         md += (_md_table(["teacher", "student", "method", *datasets, "AVG"], diff_body) if diff_body else
-               [f"No pairing: no other method shares a seed and per-row `{metric}` scores with `{baseline}`."])
+               [f"No pairing: no other method shares a seed and `{metric}` scores with `{baseline}`."])
         md += [""]
     name = _slug(experiment, train_set)
     curve_png = out / f"curves_{name}.png"
@@ -630,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="rougeL", help="metric under eval.<model>.<dataset> (default: rougeL)")
     parser.add_argument("--baseline", default=None,
                         help="a method (e.g. sft) or row label (e.g. 'kd (rkl)'): add each method's difference from "
-                             "it with a paired 95%% bootstrap interval over test rows (metrics with per-row scores)")
+                             "it with a paired 95%% bootstrap interval over test rows (metrics with per-row scores) and a "
+                             "t-interval over seeds")
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_REPLICATES, metavar="N",
                         help=f"bootstrap replicates of the paired intervals (default: {BOOTSTRAP_REPLICATES})")
     args = parser.parse_args(argv)

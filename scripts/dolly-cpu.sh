@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds (27 jobs), seed by seed so that a
 # partial run has every method, then the reference rows (the fine-tuned teacher and student_init, evaluated by
-# kdlab.eval without training) and the report with paired intervals against SFT. Finished jobs are skipped and
-# interrupted ones resume: run it again to continue.
-#   scripts/dolly-cpu.sh                         one job at a time
-#   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md ran this
-#                                                    on 2 cores: more throughput than one job on two threads)
+# kdlab.eval without training) and the reports with paired intervals (results/dolly-cpu/). Finished jobs are
+# skipped and interrupted ones resume: run it again to continue.
+#   scripts/dolly-cpu.sh                            one job at a time
+#   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md: about the
+#                                                   throughput of one job on 2 threads, every job timed alike)
 #   OUTPUT_DIR=... to write elsewhere (default outputs); PYTHON=... for another interpreter.
 set -uo pipefail
 out=${OUTPUT_DIR:-outputs}
@@ -26,5 +26,12 @@ done | xargs -P "$jobs" -L 1 bash -c \
 # The reference rows: the fine-tuned teacher, and the pruned student before training (kdlab.eval's `student`
 # row without student.path is the student as its group builds it: student_init).
 "$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" || status=1
-"$python" -m kdlab.report "$out/multirun/dolly-cpu" --out results/dolly-cpu --baseline sft || status=1
+# The tables each claim is read from (RESULTS.md): every method against SFT, against forward-KL KD (reverse KL,
+# on-policy methods, DPKD), against GKD and MiniLLM (OKD), and the exposure bias against MiniLLM.
+report() { "$python" -m kdlab.report "$out/multirun/dolly-cpu" "$@" || status=1; }
+report --out results/dolly-cpu --baseline sft
+report --out results/dolly-cpu/vs-kd --baseline 'kd (fkl)'
+report --out results/dolly-cpu/vs-gkd --baseline gkd
+report --out results/dolly-cpu/vs-minillm --baseline minillm
+report --out results/dolly-cpu/exaccerr --baseline minillm --metric exaccerr.l=16
 exit $status

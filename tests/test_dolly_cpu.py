@@ -98,8 +98,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
         jobs.add((swept["method"] if "method" in swept else "minillm", swept.get("divergence"), swept["seed"]))
     assert len(runs) == len(jobs) == 27
     assert {m for m, _, _ in jobs} == set(METHODS)
-    assert lines[-2].startswith("-m kdlab.eval +experiment=dolly-cpu eval.models=[teacher,student]")
-    assert lines[-1].startswith("-m kdlab.report")
+    after = lines[len(runs):]
+    assert after[0].startswith("-m kdlab.eval +experiment=dolly-cpu eval.models=[teacher,student]")
+    assert after[1].startswith("-m kdlab.report") and "--baseline sft" in after[1]
+    assert {line.split("--baseline ")[1].split(" ")[0] for line in after[1:]} == {"sft", "kd", "gkd", "minillm"}
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",

@@ -66,6 +66,12 @@ def throughput(method, seed, step):
     return {"sft": 1000.0, "kd": 2000.0, "gkd": 3000.0}.get(method, 500.0) + 10 * seed + step
 
 
+def exaccerr(method, seed, dataset):
+    """A scalar per run (no per-row scores), as ExAccErr is."""
+    return 20.0 + SHIFT.get(method, 0.0) * (2 if dataset == "dolly" else 1) + math.sin(7 * seed) \
+        + 0.5 * seed * (method == "kd")
+
+
 def unc_value(method, seed, bucket, name):
     return {"std": 0.1 * bucket + seed, "kl": 0.2 * bucket + 0.01 * seed, "top1": 0.9 - 0.1 * bucket}[name] \
         + SHIFT.get(method, 0.0)
@@ -84,6 +90,7 @@ def write_run(run_dir, method, seed, status="completed", results=True, divergenc
             rows = list(kept_rows(method, seed, d).items())
             random.Random(f"{method}{seed}{d}").shuffle(rows)  # pairing is by id, never by position
             student[d] = {"rougeL": student_score(method, seed, d), "exact_match": 1.0,
+                          "exaccerr": {"l=16": exaccerr(method, seed, d)},
                           "per_row": {"id": [i for i, _ in rows], "rougeL": [float(v) for _, v in rows]}}
         student["dolly"]["unc_buckets"] = [
             {"bucket": b, **{k: unc_value(method, seed, b, k) for k in ("std", "kl", "top1")}} for b in range(3)]
@@ -289,10 +296,33 @@ def test_baseline_by_method_name_and_bad_baselines(sweep, tmp_path, capsys):
     assert read_csv(tmp_path / "d" / "report.csv")[("kd (fkl)", "dolly")]["baseline"] == "kd (rkl)"
 
 
-def test_metric_without_per_row_scores_gets_no_paired_interval(sweep, tmp_path):
-    main([str(sweep), "--out", str(tmp_path / "r"), "--baseline", "sft", "--metric", "exact_match"])
+def test_metric_without_per_row_scores_is_paired_over_seeds_only(sweep, tmp_path):
+    """ExAccErr has one number per run: the difference is the mean over seeds of (method − baseline) of the same
+    seed, with the t-interval over those per-seed differences and no row interval."""
+    main([str(sweep), "--out", str(tmp_path / "r"), "--baseline", "sft", "--metric", "exaccerr.l=16"])
+    table = read_csv(tmp_path / "r" / "report.csv")
+    for method in ("kd", "gkd"):
+        for dataset in DATASETS:
+            per_seed = [exaccerr(method, s, dataset) - exaccerr("sft", s, dataset) for s in SEEDS]
+            got = table[(LABELS[method], dataset)]
+            assert float(got["diff"]) == pytest.approx(np.mean(per_seed))
+            low, high = t_interval(per_seed)
+            assert (float(got["diff_seed_low"]), float(got["diff_seed_high"])) == pytest.approx((low, high))
+            assert got["diff_low"] == got["diff_high"] == "" and got["diff_rows"] == "0"
+        avg = [np.mean([exaccerr(method, s, d) - exaccerr("sft", s, d) for d in DATASETS]) for s in SEEDS]
+        assert float(table[(LABELS[method], "AVG")]["diff"]) == pytest.approx(np.mean(avg))
+        assert float(table[(LABELS[method], "AVG")]["diff_seed_low"]) == pytest.approx(t_interval(avg)[0])
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "No pairing: no other method shares a seed and per-row `exact_match` scores with `sft`." in md
+    line = next(x for x in md.splitlines() if x.startswith("| tiny-t | tiny-s | kd (fkl) |") and " / " in x)
+    assert "(3×-)" in line and " - / [" in line
+
+
+def test_no_shared_seed_is_no_pairing(tmp_path):
+    write_run(tmp_path / "a", "sft", 1)
+    write_run(tmp_path / "b", "kd", 2)
+    main([str(tmp_path), "--out", str(tmp_path / "r"), "--baseline", "sft", "--metric", "exaccerr.l=16"])
+    assert "No pairing: no other method shares a seed and `exaccerr.l=16` scores with `sft`." in \
+        (tmp_path / "r" / "report.md").read_text()
     assert read_csv(tmp_path / "r" / "report.csv")[("kd (fkl)", "dolly")]["diff"] == ""
 
 
