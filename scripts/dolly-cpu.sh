@@ -6,10 +6,12 @@
 #   scripts/dolly-cpu.sh                            one job at a time
 #   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md: about the
 #                                                   throughput of one job on 2 threads, every job timed alike)
-#   OUTPUT_DIR=... to write elsewhere (default outputs); PYTHON=... for another interpreter.
+#   OUTPUT_DIR=... to write the runs elsewhere (default outputs), RESULTS_DIR=... the reports (default
+#   results/dolly-cpu); PYTHON=... for another interpreter.
 set -uo pipefail
 out=${OUTPUT_DIR:-outputs}
 python=${PYTHON:-python}
+results=${RESULTS_DIR:-results/dolly-cpu}
 jobs=${JOBS:-1}
 status=0
 # One line per job: its sweep and the overrides that pick one job of it (each job is a one-job multirun, so it
@@ -29,9 +31,10 @@ done | xargs -P "$jobs" -L 1 bash -c \
 # The tables each claim is read from (RESULTS.md): every method against SFT, against forward-KL KD (reverse KL,
 # on-policy methods, DPKD), against GKD and MiniLLM (OKD), and the exposure bias against MiniLLM.
 report() { "$python" -m kdlab.report "$out/multirun/dolly-cpu" "$@" || status=1; }
-report --out results/dolly-cpu --baseline sft
-report --out results/dolly-cpu/vs-kd --baseline 'kd (fkl)'
-report --out results/dolly-cpu/vs-gkd --baseline gkd
-report --out results/dolly-cpu/vs-minillm --baseline minillm
-report --out results/dolly-cpu/exaccerr --baseline minillm --metric exaccerr.l=16
+report --out "$results" --baseline sft
+report --out "$results/vs-kd" --baseline 'kd (fkl)'
+report --out "$results/vs-gkd" --baseline gkd
+report --out "$results/vs-minillm" --baseline minillm
+report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
+mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
 exit $status

@@ -82,7 +82,8 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     fake.chmod(0o755)
     root = Path(CONF_DIR).parent
     subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
-                   env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out")})
+                   env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
+                        "RESULTS_DIR": str(tmp_path / "results")})
     lines = calls.read_text().splitlines()
     runs = [line.split() for line in lines if line.startswith("-m kdlab.run ")]
     jobs = set()
@@ -101,7 +102,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     after = lines[len(runs):]
     assert after[0].startswith("-m kdlab.eval +experiment=dolly-cpu eval.models=[teacher,student]")
     assert after[1].startswith("-m kdlab.report") and "--baseline sft" in after[1]
-    assert {line.split("--baseline ")[1].split(" ")[0] for line in after[1:]} == {"sft", "kd", "gkd", "minillm"}
+    reports = [line for line in after if line.startswith("-m kdlab.report")]
+    assert {line.split("--baseline ")[1].split(" ")[0] for line in reports} == {"sft", "kd", "gkd", "minillm"}
+    assert after[-1] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
+    assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
@@ -144,3 +148,66 @@ def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
     assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1
     assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1
 
+
+
+def load_claims_script():
+    import importlib.util
+
+    path = Path(CONF_DIR).parent / "scripts" / "dolly-cpu-claims.py"
+    spec = importlib.util.spec_from_file_location("dolly_cpu_claims", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_claims_name_rows_the_sweep_produces():
+    """Every row the claims script reads is a label kdlab.report gives one of the sweep's jobs."""
+    from kdlab.report import uses_divergence
+
+    claims = load_claims_script()
+    labels = {"kd (rkl)"}
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        for method in METHODS:
+            name = compose("config", ["+experiment=dolly-cpu", f"method={method}"]).divergence.name
+            labels.add(f"{method} ({name})" if uses_divergence(method, name) else method)
+    used = {row for _, _, row, _ in claims.QUALITY} | {r for _, a, b in claims.TIME for r in (a, b)}
+    assert used <= labels, used - labels
+
+
+def test_claim_verdicts_follow_both_intervals(tmp_path):
+    """A claim holds only where every interval excludes 0 in its direction, fails only where every one excludes
+    it the other way; a seed-only metric is decided by its seed interval; the time claim by the ratio."""
+    import csv as csv_module
+
+    from kdlab.report import CSV_FIELDS
+
+    claims = load_claims_script()
+
+    def write(folder, rows):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / folder / "report.csv", "w", newline="") as f:
+            writer = csv_module.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            for method, dataset, diff, low, high, seed_low, seed_high, seconds in rows:
+                writer.writerow({"method": method, "eval_dataset": dataset, "metric": "rougeL", "diff": diff,
+                                 "diff_low": low, "diff_high": high, "diff_seed_low": seed_low,
+                                 "diff_seed_high": seed_high, "diff_seeds": 3, "baseline": "b",
+                                 "train_time_s": seconds})
+
+    write(".", [("kd (fkl)", "AVG", 2.0, 0.5, 3.5, 0.2, 3.8, 100), ("okd (fkl)", "AVG", "", "", "", "", "", 100),
+                ("gkd (jsd)", "AVG", "", "", "", "", "", 500), ("minillm", "AVG", "", "", "", "", "", 250)])
+    write("vs-kd", [("kd (rkl)", "AVG", -2.0, -3.0, -1.0, -4.0, -0.5, 1),      # every interval below 0
+                    ("imitkd (fkl)", "AVG", 1.0, 0.1, 2.0, -0.5, 2.5, 1),      # the seed interval spans 0
+                    ("gkd (jsd)", "AVG", -1.0, -2.0, 0.2, -3.0, -0.1, 1)])     # the row interval spans 0
+    write("exaccerr", [("kd (fkl)", "AVG", 3.0, "", "", 1.0, 5.0, 1), ("sft", "AVG", -3.0, "", "", -5.0, 1.0, 1)])
+    verdicts = {line.split(" | ")[0].lstrip("| "): line.rsplit(" | ", 1)[1].rstrip(" |")
+                for line in claims.claims(tmp_path) if line.startswith("| ") and not line.startswith("| claim")}
+    assert verdicts["KD ≥ SFT (every seed paper)"] == "**holds**"
+    assert verdicts["reverse KL beats forward KL (MiniLLM)"] == "**does not hold**"
+    assert verdicts["on-policy beats off-policy KD: ImitKD (Lin et al.)"] == "undecided at this power"
+    assert verdicts["on-policy beats off-policy KD: GKD (Agarwal et al.)"] == "undecided at this power"
+    assert verdicts["DPKD beats KD (Li et al.)"] == "not measured"
+    assert verdicts["MiniLLM's exposure bias (ExAccErr) is lower than KD's"] == "**holds**"
+    assert verdicts["MiniLLM's exposure bias (ExAccErr) is lower than SFT's"] == "undecided at this power"
+    assert verdicts["OKD takes about 1/4 of GKD's training time (Rao et al.)"] == "**holds**"          # 0.20
+    assert verdicts["OKD takes about 1/4 of MiniLLM's training time (Rao et al.)"].startswith("undecided")  # 0.40
