@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RESULTS.md "Pruned students": the default main job's student size (6 of 30 blocks' parameters, the embedded
 # synthetic data) cut evenly (today's default, smollm2-6l), pruned by each depth criterion, and by depth + width
-# (the last row is smollm2-pruned-20); starting loss on its valid and test splits, forward passes only (importance on 16 calibration rows of the training split). One JSON line per row.
+# (row bi-12x512 is smollm2-pruned-20); starting loss on its valid and test splits, forward passes only
+# (importance on 16 calibration rows of the training split). One JSON line per row.
 #   OUT=/tmp/prune-default scripts/prune-default.sh > prune-default.jsonl
 set -euo pipefail
 OUT=${OUT:-outputs}
