@@ -37,4 +37,10 @@ report --out "$results/vs-gkd" --baseline gkd
 report --out "$results/vs-minillm" --baseline minillm
 report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
+# Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports.
+shopt -s nullglob
+for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
+  run=$(dirname "$found"); job=$(basename "$(dirname "$run")")
+  mkdir -p "$results/runs/$job" && cp "$run/results.json" "$run/metrics.jsonl" "$run/config.yaml" "$results/runs/$job/"
+done
 exit $status

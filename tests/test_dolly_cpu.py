@@ -81,6 +81,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
     root = Path(CONF_DIR).parent
+    finished = tmp_path / "out" / "multirun" / "dolly-cpu" / "kd-smollm2-pruned-50-s1" / "+sweep=dolly-cpu"
+    finished.mkdir(parents=True)
+    for name in ("results.json", "metrics.jsonl", "config.yaml"):
+        (finished / name).write_text(name)
     subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
                    env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
                         "RESULTS_DIR": str(tmp_path / "results")})
@@ -106,6 +110,8 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     assert {line.split("--baseline ")[1].split(" ")[0] for line in reports} == {"sft", "kd", "gkd", "minillm"}
     assert after[-1] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
     assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
+    kept = tmp_path / "results" / "runs" / "kd-smollm2-pruned-50-s1"
+    assert sorted(p.read_text() for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl", "results.json"]
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
