@@ -144,15 +144,6 @@ def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
     report = (tmp_path / "multirun" / "dolly-cpu" / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-pruned-50 |")]
     assert sorted(row.split(" | ")[2].split(" ")[0] for row in rows) == ["kd", "sft"], proc.stdout[-2000:]
-    # the reference rows, as scripts/dolly-cpu.sh measures them: kdlab.eval of the teacher and the untrained
-    # pruned student, reusing the sweep's fine-tuned teacher and pruned student
-    run_kdlab("+experiment=dolly-cpu", *SMOKE, "eval.models=[teacher,student]", f"output_dir={tmp_path}",
-              module="kdlab.eval")
-    [reference] = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("results.json")]
-    assert set(reference["eval"]) == {"teacher", "student"}
-    assert all(set(rows) == {"dolly", "sni", "unni"} for rows in reference["eval"].values())
-    assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1
-    assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1
 
 
 
