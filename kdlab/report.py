@@ -313,19 +313,23 @@ def per_row_scores(run: Run, model: str, dataset: str, metric: str) -> dict[str,
     return dict(zip(rows["id"], map(float, rows[metric])))
 
 
+def by_seed(row: Row, value) -> dict:
+    """``{seed: value(run)}`` over ``row``'s runs where ``value`` gives something other than None; a second
+    run of one seed is ignored."""
+    found: dict = {}
+    for run in row.runs:
+        v = value(run)
+        if v is not None:
+            found.setdefault(run.meta.get("seed"), v)
+    return found
+
+
 def paired_rows(row: Row, base: Row, dataset: str, metric: str) -> tuple[list, list[str], np.ndarray] | None:
     """``(seeds, ids, differences)`` of ``row`` against ``base``: the seeds both have per-row scores for
     (a second run of one seed is ignored), the example ids present in every one of those runs (sorted),
     and ``differences[s, i]`` = score of ``row`` − score of ``base`` on row ``ids[i]`` at seed ``seeds[s]``.
     None when no seed or no row is shared."""
-    scores = []
-    for r in (row, base):
-        by_seed: dict = {}
-        for run in r.runs:
-            values = per_row_scores(run, r.model, dataset, metric)
-            if values is not None:
-                by_seed.setdefault(run.meta.get("seed"), values)
-        scores.append(by_seed)
+    scores = [by_seed(r, lambda run, r=r: per_row_scores(run, r.model, dataset, metric)) for r in (row, base)]
     seeds = sorted(set(scores[0]) & set(scores[1]), key=str)
     ids = sorted(set.intersection(*(set(side[s]) for side in scores for s in seeds))) if seeds else []
     if not ids:
@@ -336,14 +340,11 @@ def paired_rows(row: Row, base: Row, dataset: str, metric: str) -> tuple[list, l
 def seed_differences(row: Row, base: Row, dataset: str, metric: str) -> dict:
     """``{seed: row's metric − base's}`` over the seeds both evaluated on ``dataset`` (a second run of one seed is
     ignored): the pairing of a metric with no per-row scores (ExAccErr, the UNC-bucket numbers)."""
-    values = []
-    for r in (row, base):
-        by_seed: dict = {}
-        for run in r.runs:
-            value = _dig(run.eval, f"{r.model}.{dataset}.{metric}")
-            if isinstance(value, (int, float)):
-                by_seed.setdefault(run.meta.get("seed"), float(value))
-        values.append(by_seed)
+    def number(run, r):
+        value = _dig(run.eval, f"{r.model}.{dataset}.{metric}")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    values = [by_seed(r, lambda run, r=r: number(run, r)) for r in (row, base)]
     return {s: values[0][s] - values[1][s] for s in sorted(set(values[0]) & set(values[1]), key=str)}
 
 

@@ -108,14 +108,12 @@ def load_models(cfg, runtime, *, with_teacher: bool = True, checkpoint: bool = F
 
     ``with_teacher=False`` keeps no teacher in memory (``teacher.cache``; ``kdlab.eval`` without a teacher row
     or analysis): it is loaded only to cut a ``teacher_layers`` student from it. ``checkpoint`` (``kdlab.eval``):
-    ``student.path`` is a trained student, loaded with its own tokenizer whatever ``student.init`` says.
+    ``student.path`` is a trained student, loaded with its own tokenizer whatever ``student.init`` says
+    (without a path, the student is built from its group as in training).
     ``cross``: the student keeps its own tokenizer (a cross-tokenizer divergence). Availability is checked
     first, so a model that is neither cached nor reachable stops the job in seconds.
     """
     pruned = cfg.student.init == "pruned" and not (checkpoint and cfg.student.path)
-    if pruned and checkpoint:
-        raise ConfigError("kdlab.eval evaluates a pruned student from its folder: pass student.path=<output_dir>/"
-                          "students/<key> (printed by `python -m kdlab.prune` with this config)")
     cut = cfg.student.init == "teacher_layers" and not (checkpoint and cfg.student.path) or pruned
     if with_teacher or cut:
         check_available(cfg.teacher, "teacher")

@@ -27,7 +27,8 @@ done | xargs -P "$jobs" -L 1 bash -c \
   "$python" "$out" || status=1
 # The reference rows: the fine-tuned teacher, and the pruned student before training (kdlab.eval's `student`
 # row without student.path is the student as its group builds it: student_init).
-"$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" || status=1
+"$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" \
+  "hydra.run.dir=$out/eval/dolly-cpu-reference" || status=1
 # The tables each claim is read from (RESULTS.md): every method against SFT, against forward-KL KD (reverse KL,
 # on-policy methods, DPKD), against GKD and MiniLLM (OKD), and the exposure bias against MiniLLM.
 report() { "$python" -m kdlab.report "$out/multirun/dolly-cpu" "$@" || status=1; }
@@ -39,6 +40,9 @@ report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports.
 shopt -s nullglob
+for found in "$out"/eval/dolly-cpu-reference/results.json; do
+  mkdir -p "$results/reference" && cp "$found" "$(dirname "$found")/config.yaml" "$results/reference/"
+done
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
   run=$(dirname "$found"); job=$(basename "$(dirname "$run")")
   mkdir -p "$results/runs/$job" && cp "$run/results.json" "$run/metrics.jsonl" "$run/config.yaml" "$results/runs/$job/"

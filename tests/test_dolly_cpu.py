@@ -85,6 +85,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     finished.mkdir(parents=True)
     for name in ("results.json", "metrics.jsonl", "config.yaml"):
         (finished / name).write_text(name)
+    reference = tmp_path / "out" / "eval" / "dolly-cpu-reference"
+    reference.mkdir(parents=True)
+    for name in ("results.json", "config.yaml"):
+        (reference / name).write_text(f"reference {name}")
     subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
                    env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
                         "RESULTS_DIR": str(tmp_path / "results")})
@@ -112,6 +116,9 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
     kept = tmp_path / "results" / "runs" / "kd-smollm2-pruned-50-s1"
     assert sorted(p.read_text() for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl", "results.json"]
+    assert f"hydra.run.dir={reference}" in after[0]
+    assert sorted(p.read_text() for p in (tmp_path / "results" / "reference").iterdir()) == [
+        "reference config.yaml", "reference results.json"]
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
@@ -144,6 +151,15 @@ def test_dolly_cpu_smoke_two_methods_one_seed_and_its_report(tmp_path):
     report = (tmp_path / "multirun" / "dolly-cpu" / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| smollm2-135m | smollm2-pruned-50 |")]
     assert sorted(row.split(" | ")[2].split(" ")[0] for row in rows) == ["kd", "sft"], proc.stdout[-2000:]
+    # the reference rows, as scripts/dolly-cpu.sh measures them: the shared teacher and student, not rebuilt
+    reference = tmp_path / "eval" / "dolly-cpu-reference"
+    proc = run_kdlab("+experiment=dolly-cpu", *SMOKE, "eval.models=[teacher,student]", f"output_dir={tmp_path}",
+                     f"hydra.run.dir={reference}", module="kdlab.eval")
+    assert "kdlab: pruned" not in proc.stdout and "kdlab: fine-tuning teacher" not in proc.stdout
+    rows = json.loads((reference / "results.json").read_text())["eval"]
+    assert {name: set(sets) for name, sets in rows.items()} == {name: {"dolly", "sni", "unni"}
+                                                                for name in ("teacher", "student")}
+    assert rows["teacher"]["dolly"]["loss"] < rows["student"]["dolly"]["loss"]
 
 
 

@@ -191,6 +191,27 @@ def test_eval_cli_reproduces_the_training_jobs_evaluation(trained, tmp_path):
     assert "already complete" in again.stdout
 
 
+def test_eval_cli_without_a_path_gives_the_training_jobs_reference_rows(tmp_path):
+    """A pruned student and a fine-tuned teacher, as a training job with the same config and output_dir builds
+    them (reused from its stores, not rebuilt): kdlab.eval's teacher and student rows equal the job's teacher and
+    student_init rows."""
+    common = ["+experiment=smoke", "teacher.finetune={max_steps:2,batch_size:4,save_every:2}", "student.init=pruned",
+              "student.prune={num_layers:1,num_attention_heads:2}", f"output_dir={tmp_path}"]
+    run_kdlab(*common, "train.max_steps=1", "train.eval_every=1", "train.save_every=1",
+              "eval.models=[teacher,student_init]", f"hydra.run.dir={tmp_path / 'train'}")
+    proc = run_kdlab(*common, "eval.models=[teacher,student]", f"hydra.run.dir={tmp_path / 'eval'}",
+                     module="kdlab.eval")
+    assert "kdlab: pruned" not in proc.stdout and "kdlab: fine-tuning teacher" not in proc.stdout
+    ours = json.loads((tmp_path / "eval" / "results.json").read_text())["eval"]
+    theirs = json.loads((tmp_path / "train" / "results.json").read_text())["eval"]
+    for mine, job in (("teacher", "teacher"), ("student", "student_init")):
+        for key in ("rougeL", "loss", "top1", "kl"):
+            if key in theirs[job]["synthetic"]:
+                assert ours[mine]["synthetic"][key] == pytest.approx(theirs[job]["synthetic"][key], rel=1e-5), (mine, key)
+    assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1
+    assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1
+
+
 def test_eval_cli_on_real_sets_without_teacher(trained, tmp_path, shared_data):
     out = tmp_path / "eval"
     # byte-level tiny model: only short prompts fit its 512 positions; unni with limits of its own
