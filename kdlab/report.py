@@ -35,8 +35,10 @@ Methods are labelled ``method (divergence)`` when the method's loss reads the di
 decides the student's tokenizer), else ``method``; then the run's other command-line overrides
 (results.json ``run.overrides``, e.g. ``[method.lora_layers=null]``) so that the points of an ablation
 grid get a row each; overrides that do not change what is trained or measured (``hardware``,
-``logger``, ``hydra``, ``output_dir``) and those the table already shows (``divergence``,
-``dataset``, ``teacher``) are left out of the label.
+``logger``, ``hydra``, ``output_dir``), the ``sweep`` group (it picks which jobs run: what they vary is in
+their own overrides, what it pins is the experiment's setting for them, e.g. MiniLLM's rollouts in
+``+sweep=dolly-cpu-minillm``) and those the table already shows (``divergence``, ``dataset``, ``teacher``)
+are left out of the label.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ from kdlab.methods import method_class
 SKIP_DIRS = {".hydra", "wandb", "checkpoints", "student", "student_best", "__pycache__"}
 METHOD_ORDER = ["sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "okd"]
 UNC_FIELDS = (("std", "student logit std"), ("kl", "KL(p‖q)"), ("top1", "TOP-1 agreement"))
-UNLABELLED = re.compile(r"^(hardware|logger|hydra|output_dir|divergence|dataset|teacher)([./=]|$)")
+UNLABELLED = re.compile(r"^(hardware|logger|hydra|output_dir|sweep|divergence|dataset|teacher)([./=]|$)")
 CONFIDENCE = 0.95
 PERCENTILES = (50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE))  # 2.5 and 97.5
 BOOTSTRAP_SEED = 0  # fixed: the same folder gives the same intervals

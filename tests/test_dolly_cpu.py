@@ -174,15 +174,19 @@ def load_claims_script():
 
 
 def test_the_claims_name_rows_the_sweep_produces():
-    """Every row the claims script reads is a label kdlab.report gives one of the sweep's jobs."""
-    from kdlab.report import uses_divergence
+    """Every row the claims script reads is the label kdlab.report gives one of the sweep's jobs, as its
+    results.json records it: the method, the divergence the experiment composes, and the job's override folder
+    as Hydra names it (the sweep group, and the swept divergence of the reverse-KL row)."""
+    from kdlab.report import Run
 
     claims = load_claims_script()
-    labels = {"kd (rkl)"}
+    jobs = [(method, [], "+sweep=dolly-cpu-minillm" if method == "minillm" else "+sweep=dolly-cpu") for method in METHODS]
+    jobs.append(("kd", ["divergence=rkl"], "+sweep=dolly-cpu-rkl,divergence=rkl"))
+    labels = set()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        for method in METHODS:
-            name = compose("config", ["+experiment=dolly-cpu", f"method={method}"]).divergence.name
-            labels.add(f"{method} ({name})" if uses_divergence(method, name) else method)
+        for method, overrides, folder in jobs:
+            divergence = compose("config", ["+experiment=dolly-cpu", f"method={method}", *overrides]).divergence.name
+            labels.add(Run(Path(folder), {"method": method, "divergence": divergence, "overrides": folder}, {}).label)
     used = {row for _, _, row, _ in claims.QUALITY} | {r for _, a, b in claims.TIME for r in (a, b)}
     assert used <= labels, used - labels
 
