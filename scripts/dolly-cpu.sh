@@ -38,13 +38,15 @@ report --out "$results/vs-gkd" --baseline gkd
 report --out "$results/vs-minillm" --baseline minillm
 report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
-# Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports.
+# Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
+# under its job and override folder (kd and kd with reverse KL share a job name).
 shopt -s nullglob
 for found in "$out"/eval/dolly-cpu-reference/results.json; do
   mkdir -p "$results/reference" && cp "$found" "$(dirname "$found")/config.yaml" "$results/reference/"
 done
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
   run=$(dirname "$found"); job=$(basename "$(dirname "$run")")
-  mkdir -p "$results/runs/$job" && cp "$run/results.json" "$run/metrics.jsonl" "$run/config.yaml" "$results/runs/$job/"
+  dest="$results/runs/$job/$(basename "$run")"
+  mkdir -p "$dest" && cp "$run/results.json" "$run/metrics.jsonl" "$run/config.yaml" "$dest/"
 done
 exit $status

@@ -81,10 +81,11 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
     root = Path(CONF_DIR).parent
-    finished = tmp_path / "out" / "multirun" / "dolly-cpu" / "kd-smollm2-pruned-50-s1" / "+sweep=dolly-cpu"
-    finished.mkdir(parents=True)
-    for name in ("results.json", "metrics.jsonl", "config.yaml"):
-        (finished / name).write_text(name)
+    job = tmp_path / "out" / "multirun" / "dolly-cpu" / "kd-smollm2-pruned-50-s1"
+    for folder in ("+sweep=dolly-cpu", "+sweep=dolly-cpu-rkl,divergence=rkl"):   # kd and kd-rkl: one job name
+        (job / folder).mkdir(parents=True)
+        for name in ("results.json", "metrics.jsonl", "config.yaml"):
+            (job / folder / name).write_text(f"{folder} {name}")
     reference = tmp_path / "out" / "eval" / "dolly-cpu-reference"
     reference.mkdir(parents=True)
     for name in ("results.json", "config.yaml"):
@@ -115,7 +116,9 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     assert after[-1] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
     assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
     kept = tmp_path / "results" / "runs" / "kd-smollm2-pruned-50-s1"
-    assert sorted(p.read_text() for p in kept.iterdir()) == ["config.yaml", "metrics.jsonl", "results.json"]
+    for folder in ("+sweep=dolly-cpu", "+sweep=dolly-cpu-rkl,divergence=rkl"):
+        assert sorted(p.read_text() for p in (kept / folder).iterdir()) == [
+            f"{folder} {name}" for name in ("config.yaml", "metrics.jsonl", "results.json")]
     assert f"hydra.run.dir={reference}" in after[0]
     assert sorted(p.read_text() for p in (tmp_path / "results" / "reference").iterdir()) == [
         "reference config.yaml", "reference results.json"]
