@@ -7,8 +7,8 @@ Config: ``conf/eval.yaml`` (config.yaml with ``eval.models=[student]`` and its o
 Face causal-LM folder with its tokenizer, loaded with ``from_pretrained``, safetensors) or, without
 a path, from its group as in training: a pruned student (``student.init=pruned``) is pruned, or reused,
 exactly as a training job with the same config and ``output_dir`` does (``<output_dir>/students/``), so
-without a path the ``student`` row is a training job's ``student_init``. Test sets: the ``dataset`` group's test split plus every
-``eval.datasets`` entry. Metrics are those of :func:`kdlab.metrics.evaluate.evaluate` (generation with
+without a path the ``student`` row is a training job's ``student_init``. Test sets: the ``dataset``
+group's test split plus every ``eval.datasets`` entry. Metrics are those of :func:`kdlab.metrics.evaluate.evaluate` (generation with
 ``eval.*`` settings, test loss, and the teacher-forcing analysis).
 
 The teacher is loaded only when it is needed: for the analysis (``eval.analysis.enabled``, the

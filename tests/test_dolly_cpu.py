@@ -183,7 +183,7 @@ def test_the_claims_name_rows_the_sweep_produces():
     from kdlab.report import Run
 
     claims = load_claims_script()
-    jobs = [(method, [], "+sweep=dolly-cpu-minillm" if method == "minillm" else "+sweep=dolly-cpu") for method in METHODS]
+    jobs = [(method, [], f"+sweep=dolly-cpu{'-minillm' if method == 'minillm' else ''}") for method in METHODS]
     jobs.append(("kd", ["divergence=rkl"], "+sweep=dolly-cpu-rkl,divergence=rkl"))
     labels = set()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):

@@ -207,7 +207,8 @@ def test_eval_cli_without_a_path_gives_the_training_jobs_reference_rows(tmp_path
     for mine, job in (("teacher", "teacher"), ("student", "student_init")):
         for key in ("rougeL", "loss", "top1", "kl"):
             if key in theirs[job]["synthetic"]:
-                assert ours[mine]["synthetic"][key] == pytest.approx(theirs[job]["synthetic"][key], rel=1e-5), (mine, key)
+                expected = theirs[job]["synthetic"][key]
+                assert ours[mine]["synthetic"][key] == pytest.approx(expected, rel=1e-5), (mine, key)
     assert len(list((tmp_path / "students").glob("*/prune.json"))) == 1
     assert len(list((tmp_path / "teachers").glob("*/finetune.json"))) == 1
 
