@@ -41,9 +41,10 @@ mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$resu
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
 # under its job and override folder (kd and kd with reverse KL share a job name).
 shopt -s nullglob
-for found in "$out"/eval/dolly-cpu-reference/results.json; do
-  mkdir -p "$results/reference" && cp "$found" "$(dirname "$found")/config.yaml" "$results/reference/"
-done
+reference="$out/eval/dolly-cpu-reference"
+if [ -f "$reference/results.json" ]; then
+  mkdir -p "$results/reference" && cp "$reference/results.json" "$reference/config.yaml" "$results/reference/"
+fi
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
   run=$(dirname "$found"); job=$(basename "$(dirname "$run")")
   dest="$results/runs/$job/$(basename "$run")"
