@@ -19,7 +19,13 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
   training seed and by test row (the example ``id`` of ``eval.<model>.<dataset>.per_row``: ``rougeL``,
   ``exact_match``); a metric without per-row scores (``exaccerr.l=16``, ``top1``) is paired by seed only and
   gets the t-interval alone (MiniLLM's exposure-bias claim is read this way).
-- ``report.csv``: the same numbers in long form (one row per cell).
+- under each table, what its numbers measured, read from the runs themselves: the decoding of the scored
+  generations (the saved ``config.yaml``'s ``eval``), the test rows scored of each dataset and why the others
+  were dropped (results.json ``data``), the training rows, and the prompts of the teacher-forcing analysis;
+  where runs differ, each value with the number of runs it holds for.
+- ``report.csv``: the same numbers in long form (one row per cell), with the decoding and the test rows
+  scored by the students (``decoding``, ``test_rows``: ``kept/rows``; a teacher's rows are tokenized by its own
+  tokenizer, so its ``test_rows`` is left empty).
 - ``curves_<table>.png``: validation metric (``valid/<metric>`` in ``metrics.jsonl``) over training
   steps, mean over seeds per method; ``unc_<table>_<dataset>.png``: per UNC bucket, one line per method
   (mean over seeds, band ± std) of the student's logit std, KL and TOP-1 agreement, when the results
@@ -130,6 +136,15 @@ class Run:
     dir: Path
     meta: dict
     eval: dict
+    data: dict = field(default_factory=dict)   # results.json ``data``: rows kept and dropped per split
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """The run's resolved ``config.yaml`` (empty when missing or unreadable)."""
+        try:
+            return yaml.safe_load((self.dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
 
     @property
     def label(self) -> str:
@@ -214,7 +229,7 @@ def scan(root: Path) -> tuple[list[Run], list[dict]]:
                 continue
             meta = results.get("run", {})
             if meta.get("status") == "completed":
-                runs.append(Run(run_dir, meta, results.get("eval", {})))
+                runs.append(Run(run_dir, meta, results.get("eval", {}), results.get("data") or {}))
             else:
                 problems.append({"dir": run_dir, **meta, "status": meta.get("status") or "no status"})
         elif "config.yaml" in filenames or (run_dir / ".hydra").is_dir():
@@ -528,13 +543,75 @@ def save_figure(fig, out: Path) -> None:
         fig.savefig(tmp, dpi=120, format=out.suffix[1:])
 
 
+def decoding(run: Run) -> str:
+    """How the run's scored generations were decoded, from its saved ``eval`` config."""
+    cfg = run.config.get("eval")
+    if not isinstance(cfg, dict) or "do_sample" not in cfg:
+        return "not recorded"
+    limit = f", at most {cfg.get('max_new_tokens')} new tokens"
+    limit += f", no repeated {cfg['no_repeat_ngram_size']}-grams" if cfg.get("no_repeat_ngram_size") else ""
+    if not cfg["do_sample"]:
+        return "greedy" + limit
+    cut = "".join(f", {name} {cfg[key]}" for name, key, off in (("top-p", "top_p", 1.0), ("top-k", "top_k", 0))
+                  if cfg.get(key, off) != off)
+    seeds = list(cfg.get("seeds") or [])
+    return f"sampled at temperature {cfg.get('temperature')}{cut}, mean of {len(seeds)} seeds {seeds}{limit}"
+
+
+def test_rows(run: Run, dataset: str) -> str:
+    """``kept/rows`` of ``dataset``'s test split as the run scored it (results.json ``data.test``)."""
+    counts = (run.data.get("test") or {}).get(dataset)
+    return f"{counts['kept']}/{counts['rows']}" if counts else "not recorded"
+
+
+def _split_rows(counts: dict | None) -> str:
+    if not counts:
+        return "not recorded"
+    text = f"{counts['kept']} of {counts['rows']}"
+    if counts.get("dropped"):
+        text += f" ({counts['dropped']} dropped: prompt over {counts.get('max_prompt_length')} tokens)"
+    if counts.get("truncated"):
+        text += f", {counts['truncated']} responses cut at {counts.get('max_length')} tokens"
+    return text
+
+
+def _analysis(run: Run) -> str:
+    cfg = (run.config.get("eval") or {}).get("analysis")
+    if not isinstance(cfg, dict):
+        return "not recorded"
+    if not cfg.get("enabled"):
+        return "off"
+    prompts = f"first {cfg['max_examples']} scored rows" if cfg.get("max_examples") else "every scored row"
+    return f"{prompts} per dataset, {cfg.get('exaccerr_samples')} ExAccErr sample(s) per prompt"
+
+
+def _tally(values: list[str]) -> str:
+    """One value, or each distinct value with the number of runs that have it."""
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    if len(counts) == 1:
+        return values[0]
+    return "; ".join(f"{value} ({n} run{'s' if n > 1 else ''})" for value, n in counts.items())
+
+
+def measured(runs: list[Run], datasets: list[str]) -> str:
+    """The paragraph under a table: the settings and rows behind its numbers, read from the runs."""
+    students = [r for r in runs if "student" in r.eval] or runs
+    tests = "; ".join(f"{d} {_tally([_split_rows((r.data.get('test') or {}).get(d)) for r in students])}"
+                      for d in datasets)
+    return (f"Measured: generations {_tally([decoding(r) for r in students])}. Test rows scored: {tests}. "
+            f"Training rows: {_tally([_split_rows(r.data.get('train')) for r in students])}. Teacher-forcing "
+            f"analysis (TOP-1, UNC, ExAccErr): {_tally([_analysis(r) for r in students])}.")
+
+
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
 
 
 CSV_FIELDS = ["experiment", "train_dataset", "teacher", "student", "method", "eval_dataset", "metric",
-              "mean", "std", "n", "ci_low", "ci_high", "train_time_s", "tokens_per_s",
+              "mean", "std", "n", "ci_low", "ci_high", "train_time_s", "tokens_per_s", "decoding", "test_rows",
               "baseline", "diff", "diff_low", "diff_high", "diff_seed_low", "diff_seed_high", "diff_seeds",
               "diff_rows"]
 PROBLEM_FIELDS = ["method", "divergence", "student", "seed", "dataset", "status"]
@@ -572,6 +649,9 @@ def _table(key: tuple, runs: list[Run], metric: str, out: Path, csv_rows: list[d
                 "mean": cell.mean if cell.values else "", "std": _number(cell.std) if cell.values else "",
                 "n": len(cell.values), "ci_low": _number(cell.interval[0]), "ci_high": _number(cell.interval[1]),
                 "train_time_s": _number(seconds), "tokens_per_s": _number(speed),
+                "decoding": _tally([decoding(r) for r in row.runs]),
+                "test_rows": ("" if dataset == "AVG" or row.model != "student" else
+                              _tally([test_rows(r, dataset) for r in row.runs])),
                 "baseline": base.method if diffs else "",
                 **({} if diff is None else {
                     "diff": diff.estimate, "diff_low": _number(diff.low), "diff_high": _number(diff.high),
@@ -580,6 +660,7 @@ def _table(key: tuple, runs: list[Run], metric: str, out: Path, csv_rows: list[d
             })
     md = [f"## experiment `{experiment}` · trained on `{train_set}`", ""]
     md += _md_table(["teacher", "student", "method", *datasets, "AVG", "train time (s)", "tokens/s"], body) + [""]
+    md += [measured(runs, datasets), ""]
     if baseline:
         missing = sorted({r.student for r in rows if r.model == "student"} - {s for _, s in bases})
         md += [f"Difference from `{baseline}` (method − {baseline}, same teacher and student): mean over the "

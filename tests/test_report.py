@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from kdlab.methods import method_class
-from kdlab.report import (Row, Run, main, mean_curve, paired_difference, scan, t_quantile, table_rows,
-                          unc_figure)
+from kdlab.report import (Row, Run, decoding, main, mean_curve, paired_difference, scan, t_quantile,
+                          table_rows, unc_figure)
 
 # method -> the divergence results.json records (run.py records cfg.divergence for every method)
 METHODS = {"sft": "fkl", "kd": "fkl", "gkd": "jsd"}
@@ -77,9 +77,19 @@ def unc_value(method, seed, bucket, name):
         + SHIFT.get(method, 0.0)
 
 
+EVAL_CFG = ("eval:\n  max_new_tokens: 64\n  do_sample: false\n  temperature: 1.0\n  top_p: 1.0\n  top_k: 0\n"
+            "  seeds: [10, 20, 30, 40, 50]\n  no_repeat_ngram_size: 0\n"
+            "  analysis: {enabled: true, max_examples: 25, exaccerr_samples: 1}\n")
+
+
+def split_counts(rows, kept, max_prompt_length=128):
+    return {"rows": rows, "kept": kept, "dropped": rows - kept, "truncated": 0,
+            "max_prompt_length": max_prompt_length, "max_length": 192}
+
+
 def write_run(run_dir, method, seed, status="completed", results=True, divergence=None):
     (run_dir / ".hydra").mkdir(parents=True)
-    cfg = f"method:\n  name: {method}\nstudent:\n  name: tiny-s\nseed: {seed}\ndataset:\n  name: dolly\n"
+    cfg = f"method:\n  name: {method}\nstudent:\n  name: tiny-s\nseed: {seed}\ndataset:\n  name: dolly\n" + EVAL_CFG
     (run_dir / ".hydra" / "config.yaml").write_text(cfg)
     (run_dir / "config.yaml").write_text(cfg)
     if not results:
@@ -99,6 +109,8 @@ def write_run(run_dir, method, seed, status="completed", results=True, divergenc
                 "divergence": divergence or METHODS.get(method, "fkl"), "dataset": "dolly", "experiment": "exp1",
                 "train_time_s": TIME.get((method, seed)), "status": status},
         "eval": {"teacher": {d: {"rougeL": teacher_score(seed, d)} for d in DATASETS}, "student": student},
+        "data": {"train": split_counts(200, 190),
+                 "test": {d: split_counts(N_ROWS, len(kept_rows(method, seed, d))) for d in DATASETS}},
     }
     (run_dir / "results.json").write_text(json.dumps(results_json))
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -429,3 +441,33 @@ def test_ablation_points_get_a_row_each(tmp_path):
         cells = {(r["method"], r["eval_dataset"]): float(r["mean"]) for r in csv.DictReader(f) if r["method"] != "teacher"}
     assert cells[("kd (fkl) [method.lora_layers=0.25]", "dolly")] == pytest.approx(32.0)
     assert cells[("kd (fkl) [eval.datasets=[sni,unni], method.lora_layers=null]", "dolly")] == pytest.approx(42.0)
+
+
+def test_each_table_says_what_it_measured(sweep, tmp_path):
+    """The decoding, the test rows scored (gkd's seed-2 run lost a dolly row) and the training rows, read from
+    the runs' config.yaml and results.json ``data``, in the markdown and in the CSV."""
+    main([str(sweep), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("Measured: "))
+    assert "generations greedy, at most 64 new tokens." in line
+    assert ("dolly 30 of 30 (8 runs); 29 of 30 (1 dropped: prompt over 128 tokens) (1 run); sinst 30 of 30."
+            in line), line
+    assert "Training rows: 190 of 200 (10 dropped: prompt over 128 tokens)." in line
+    assert "first 25 scored rows per dataset, 1 ExAccErr sample(s) per prompt" in line
+    table = read_csv(tmp_path / "out" / "report.csv")
+    assert table[("gkd (jsd)", "dolly")]["test_rows"] == "30/30 (2 runs); 29/30 (1 run)"
+    assert table[("kd (fkl)", "sinst")]["test_rows"] == "30/30"
+    assert table[("teacher", "dolly")]["test_rows"] == ""   # counted on the students' tokenizer only
+    assert {r["decoding"] for r in table.values()} == {"greedy, at most 64 new tokens"}
+
+
+def test_decoding_names_the_sampling_settings(tmp_path):
+    """A sampled evaluation names its temperature, the cut-offs that are on, and its seeds; a run without a
+    saved eval config says so."""
+    (tmp_path / "config.yaml").write_text(EVAL_CFG.replace("do_sample: false", "do_sample: true")
+                                          .replace("top_k: 0", "top_k: 50")
+                                          .replace("no_repeat_ngram_size: 0", "no_repeat_ngram_size: 6"))
+    run = Run(tmp_path, {}, {})
+    assert decoding(run) == ("sampled at temperature 1.0, top-k 50, mean of 5 seeds [10, 20, 30, 40, 50], "
+                             "at most 64 new tokens, no repeated 6-grams")
+    assert decoding(Run(tmp_path / "elsewhere", {}, {})) == "not recorded"
