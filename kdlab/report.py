@@ -36,7 +36,9 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
 A folder that does not exist, or holds no run at all, is an error (exit status 2, one line), not an
 empty report; so is a ``--baseline`` that names no row.
 
-Methods are labelled ``method (divergence)`` when the method's loss reads the divergence group
+A ``kdlab.eval`` run's student row is labelled ``student_init (kdlab.eval)`` (no ``student.path``: the student
+as its group builds it, a training job's ``student_init``) or ``kdlab.eval <path>``. Methods are labelled
+``method (divergence)`` when the method's loss reads the divergence group
 (``Method.uses_divergence``: kd, gkd, imitkd, okd) or the divergence is a cross-tokenizer one (it
 decides the student's tokenizer), else ``method``; then the run's other command-line overrides
 (results.json ``run.overrides``, e.g. ``[method.lora_layers=null]``) so that the points of an ablation
@@ -148,6 +150,9 @@ class Run:
 
     @property
     def label(self) -> str:
+        if self.meta.get("job") == "eval":   # kdlab.eval: no training; without a path, the student as built
+            path = self.meta.get("student_path")
+            return f"kdlab.eval {path}" if path else "student_init (kdlab.eval)"
         method, div = self.meta.get("method"), self.meta.get("divergence")
         label = f"{method} ({div})" if div and uses_divergence(method, div) else str(method)
         extra = [o for o in split_overrides(self.meta.get("overrides") or "") if not UNLABELLED.match(o.lstrip("+~"))]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds (27 jobs), seed by seed so that a
 # partial run has every method, then the reference rows (the fine-tuned teacher and student_init, evaluated by
-# kdlab.eval without training) and the reports with paired intervals (results/dolly-cpu/). Finished jobs are
+# kdlab.eval without training; their table: results/dolly-cpu/reference/report.md) and the reports with paired
+# intervals (results/dolly-cpu/). Finished jobs are
 # skipped and interrupted ones resume: run it again to continue.
 #   scripts/dolly-cpu.sh                            one job at a time
 #   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md: about the
@@ -44,6 +45,7 @@ shopt -s nullglob
 reference="$out/eval/dolly-cpu-reference"
 if [ -f "$reference/results.json" ]; then
   mkdir -p "$results/reference" && cp "$reference/results.json" "$reference/config.yaml" "$results/reference/"
+  "$python" -m kdlab.report "$reference" --out "$results/reference" > /dev/null || status=1   # its table: report.md
 fi
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
   run=$(dirname "$found"); job=$(basename "$(dirname "$run")")

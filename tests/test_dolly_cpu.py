@@ -72,7 +72,7 @@ def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
 def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_report(tmp_path):
     """scripts/dolly-cpu.sh with a stand-in interpreter that records its arguments: with JOBS=2 every one of the
     27 (sweep, method, seed) jobs is started once, as a one-job multirun of its sweep, before the reference rows
-    (kdlab.eval) and the report."""
+    (kdlab.eval), the reports and the claims, then the reference rows' own report."""
     import os
     import subprocess
 
@@ -111,9 +111,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     after = lines[len(runs):]
     assert after[0].startswith("-m kdlab.eval +experiment=dolly-cpu eval.models=[teacher,student]")
     assert after[1].startswith("-m kdlab.report") and "--baseline sft" in after[1]
-    reports = [line for line in after if line.startswith("-m kdlab.report")]
+    reports = [line for line in after if line.startswith("-m kdlab.report") and "--baseline" in line]
     assert {line.split("--baseline ")[1].split(" ")[0] for line in reports} == {"sft", "kd", "gkd", "minillm"}
-    assert after[-1] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
+    assert after[-2] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
+    assert after[-1] == f"-m kdlab.report {reference} --out {tmp_path / 'results' / 'reference'}"   # its table
     assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
     kept = tmp_path / "results" / "runs" / "kd-smollm2-pruned-50-s1"
     for folder in ("+sweep=dolly-cpu", "+sweep=dolly-cpu-rkl,divergence=rkl"):

@@ -471,3 +471,15 @@ def test_decoding_names_the_sampling_settings(tmp_path):
     assert decoding(run) == ("sampled at temperature 1.0, top-k 50, mean of 5 seeds [10, 20, 30, 40, 50], "
                              "at most 64 new tokens, no repeated 6-grams")
     assert decoding(Run(tmp_path / "elsewhere", {}, {})) == "not recorded"
+
+
+def test_kdlab_eval_rows_say_which_student_they_measured(tmp_path):
+    """kdlab.eval's results (method ``eval``): without a path its student row is the untrained student."""
+    for name, path in (("built", None), ("trained", "outputs/run/student")):
+        write_run(tmp_path / "runs" / name, "eval", 1, divergence="")
+        results_path = tmp_path / "runs" / name / "results.json"
+        results = json.loads(results_path.read_text())
+        results["run"] |= {"job": "eval", "student_path": path}
+        results_path.write_text(json.dumps(results))
+    runs, _ = scan(tmp_path / "runs")
+    assert sorted(r.label for r in runs) == ["kdlab.eval outputs/run/student", "student_init (kdlab.eval)"]
