@@ -113,10 +113,12 @@ def finished_results(run_dir: Path, repair: bool = True) -> dict | None:
 
 
 def results_tables(results: dict) -> str:
-    """``results.md``: the results table and, where measured, the analysis table."""
-    from kdlab.metrics.evaluate import analysis_table, results_table
+    """``results.md``: the results table, where measured the analysis table, and what they measured (decoding,
+    test rows scored)."""
+    from kdlab.metrics.evaluate import analysis_table, measured_line, results_table
 
-    return "\n\n".join(t for t in (results_table(results["eval"]), analysis_table(results["eval"])) if t)
+    return "\n\n".join(t for t in (results_table(results["eval"]), analysis_table(results["eval"]),
+                                    measured_line(results)) if t)
 
 
 @contextmanager

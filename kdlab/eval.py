@@ -32,7 +32,7 @@ from kdlab.config import ConfigError
 from kdlab.data import encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
 from kdlab.hardware import start_runtime
 from kdlab.loggers import build_logger
-from kdlab.metrics.evaluate import evaluate_sets
+from kdlab.metrics.evaluate import decoding_text, evaluate_sets
 from kdlab.student import derive_models, load_models
 
 MODELS = ("student", "teacher")
@@ -63,7 +63,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
                 "teacher": cfg.teacher.name if with_teacher or not cfg.student.path and cfg.student.init != "pretrained"
                 else None, "divergence": None,
                 "dataset": cfg.dataset.name, "datasets": list(sets.test), "seed": cfg.seed,
-                "experiment": cfg.experiment, "eval_time_s": time.perf_counter() - start, "status": "completed"},
+                "experiment": cfg.experiment, "decoding": decoding_text(cfg.eval),
+                "eval_time_s": time.perf_counter() - start, "status": "completed"},
         "eval": evals,
         "data": sets.counts,
     }

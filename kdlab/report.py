@@ -72,6 +72,7 @@ from kdlab.checkpoint import DiskFull, atomic_file, atomic_write_text
 from kdlab.config import ConfigError
 from kdlab.divergences import is_cross_tokenizer
 from kdlab.methods import method_class
+from kdlab.metrics.evaluate import decoding_text, rows_text
 
 # Folders a run writes that are never run directories themselves.
 SKIP_DIRS = {".hydra", "wandb", "checkpoints", "student", "student_best", "__pycache__"}
@@ -549,35 +550,18 @@ def save_figure(fig, out: Path) -> None:
 
 
 def decoding(run: Run) -> str:
-    """How the run's scored generations were decoded, from its saved ``eval`` config."""
+    """How the run's scored generations were decoded: results.json ``run.decoding``, or its saved ``eval`` config
+    (runs written before kdlab recorded it)."""
+    if run.meta.get("decoding"):
+        return run.meta["decoding"]
     cfg = run.config.get("eval")
-    if not isinstance(cfg, dict) or "do_sample" not in cfg:
-        return "not recorded"
-    limit = f", at most {cfg.get('max_new_tokens')} new tokens"
-    limit += f", no repeated {cfg['no_repeat_ngram_size']}-grams" if cfg.get("no_repeat_ngram_size") else ""
-    if not cfg["do_sample"]:
-        return "greedy" + limit
-    cut = "".join(f", {name} {cfg[key]}" for name, key, off in (("top-p", "top_p", 1.0), ("top-k", "top_k", 0))
-                  if cfg.get(key, off) != off)
-    seeds = list(cfg.get("seeds") or [])
-    return f"sampled at temperature {cfg.get('temperature')}{cut}, mean of {len(seeds)} seeds {seeds}{limit}"
+    return decoding_text(cfg) if isinstance(cfg, dict) and "do_sample" in cfg else "not recorded"
 
 
 def test_rows(run: Run, dataset: str) -> str:
     """``kept/rows`` of ``dataset``'s test split as the run scored it (results.json ``data.test``)."""
     counts = (run.data.get("test") or {}).get(dataset)
     return f"{counts['kept']}/{counts['rows']}" if counts else "not recorded"
-
-
-def _split_rows(counts: dict | None) -> str:
-    if not counts:
-        return "not recorded"
-    text = f"{counts['kept']} of {counts['rows']}"
-    if counts.get("dropped"):
-        text += f" ({counts['dropped']} dropped: prompt over {counts.get('max_prompt_length')} tokens)"
-    if counts.get("truncated"):
-        text += f", {counts['truncated']} responses cut at {counts.get('max_length')} tokens"
-    return text
 
 
 def _analysis(run: Run) -> str:
@@ -603,10 +587,10 @@ def _tally(values: list[str]) -> str:
 def measured(runs: list[Run], datasets: list[str]) -> str:
     """The paragraph under a table: the settings and rows behind its numbers, read from the runs."""
     students = [r for r in runs if "student" in r.eval] or runs
-    tests = "; ".join(f"{d} {_tally([_split_rows((r.data.get('test') or {}).get(d)) for r in students])}"
+    tests = "; ".join(f"{d} {_tally([rows_text((r.data.get('test') or {}).get(d)) for r in students])}"
                       for d in datasets)
     return (f"Measured: generations {_tally([decoding(r) for r in students])}. Test rows scored: {tests}. "
-            f"Training rows: {_tally([_split_rows(r.data.get('train')) for r in students])}. Teacher-forcing "
+            f"Training rows: {_tally([rows_text(r.data.get('train')) for r in students])}. Teacher-forcing "
             f"analysis (TOP-1, UNC, ExAccErr): {_tally([_analysis(r) for r in students])}.")
 
 

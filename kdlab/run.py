@@ -21,7 +21,7 @@ from kdlab.hardware import Runtime, start_runtime
 from kdlab.loggers import build_logger
 from kdlab.methods import build_job_method, method_class
 from kdlab.methods.base import Method
-from kdlab.metrics.evaluate import check_generation_room, evaluate_once
+from kdlab.metrics.evaluate import check_generation_room, decoding_text, evaluate_once
 from kdlab.student import Models, derive_models, load_models, load_student
 from kdlab.teacher import teacher_in_memory
 from kdlab.checkpoint import save_pretrained
@@ -125,7 +125,8 @@ def run_record(cfg, overrides: str, info: dict, selected: str) -> dict:
     return {"method": cfg.method.name, "student": cfg.student.name, "teacher": cfg.teacher.name,
             "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
             "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
-            "selected": selected, "versions": {name: version(name) for name in RECORDED_PACKAGES},
+            "selected": selected, "decoding": decoding_text(cfg.eval),
+            "versions": {name: version(name) for name in RECORDED_PACKAGES},
             "status": "completed"}
 
 

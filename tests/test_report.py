@@ -471,6 +471,7 @@ def test_decoding_names_the_sampling_settings(tmp_path):
     assert decoding(run) == ("sampled at temperature 1.0, top-k 50, mean of 5 seeds [10, 20, 30, 40, 50], "
                              "at most 64 new tokens, no repeated 6-grams")
     assert decoding(Run(tmp_path / "elsewhere", {}, {})) == "not recorded"
+    assert decoding(Run(tmp_path, {"decoding": "greedy, at most 8 new tokens"}, {})) == "greedy, at most 8 new tokens"
 
 
 def test_kdlab_eval_rows_say_which_student_they_measured(tmp_path):

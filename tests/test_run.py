@@ -44,6 +44,11 @@ def test_training_lowers_the_loss_on_held_out_data(tmp_path):
     assert res["student"]["synthetic"]["loss"] < res["student_init"]["synthetic"]["loss"] - 0.5, proc.stdout[-2000:]
     # what kdlab.report tells configurations apart by (seed, method, experiment... are excluded)
     assert results(run_dir)["run"]["overrides"] == "method.lr=3e-3,train.eval_every=40,train.max_steps=40"
+    # what the numbers measured: the decoding (the smoke experiment's eval: greedy) and the test rows scored
+    decoding, counts = results(run_dir)["run"]["decoding"], results(run_dir)["data"]["test"]["synthetic"]
+    assert decoding.startswith("greedy, at most ") and counts["dropped"] == counts["truncated"] == 0
+    assert (run_dir / "results.md").read_text().splitlines()[-1] == (
+        f"Measured: generations {decoding}; test rows scored: synthetic {counts['kept']} of {counts['rows']}.")
 
 
 def test_multirun_seeds_go_to_separate_folders(tmp_path):

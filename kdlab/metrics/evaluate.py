@@ -285,6 +285,41 @@ def evaluate_once(run_dir: Path, name: str, model, tokenizer, sets: dict, cfg, r
     return result
 
 
+def decoding_text(cfg) -> str:
+    """How ``eval`` config ``cfg`` decodes the scored generations, in words (results.json ``run.decoding``)."""
+    limit = f", at most {cfg['max_new_tokens']} new tokens"
+    limit += f", no repeated {cfg['no_repeat_ngram_size']}-grams" if cfg.get("no_repeat_ngram_size") else ""
+    if not cfg["do_sample"]:
+        return "greedy" + limit
+    cut = "".join(f", {name} {cfg[key]}" for name, key, off in (("top-p", "top_p", 1.0), ("top-k", "top_k", 0))
+                  if cfg.get(key, off) != off)
+    seeds = list(cfg.get("seeds") or [])
+    return f"sampled at temperature {cfg['temperature']}{cut}, mean of {len(seeds)} seeds {seeds}{limit}"
+
+
+def rows_text(counts: dict | None) -> str:
+    """A split's rows as results.json ``data`` counts them: kept of all, and why the others were dropped."""
+    if not counts:
+        return "not recorded"
+    text = f"{counts['kept']} of {counts['rows']}"
+    if counts.get("dropped"):
+        text += f" ({counts['dropped']} dropped: prompt over {counts.get('max_prompt_length')} tokens)"
+    if counts.get("truncated"):
+        text += f", {counts['truncated']} responses cut at {counts.get('max_length')} tokens"
+    return text
+
+
+def measured_line(results: dict) -> str:
+    """The line under a job's tables: the decoding and the test rows scored behind its numbers ('' for
+    results that record neither)."""
+    tests = (results.get("data") or {}).get("test") or {}
+    decoding = results["run"].get("decoding")
+    if not tests and not decoding:
+        return ""
+    scored = "; ".join(f"{name} {rows_text(counts)}" for name, counts in tests.items())
+    return (f"Measured: generations {decoding or 'not recorded'}; test rows scored: {scored or 'not recorded'}.")
+
+
 def results_table(evals: dict) -> str:
     """Markdown table of ROUGE-L, exact match and test loss per model and dataset."""
     rows = ["| model | dataset | ROUGE-L | EM | loss |", "|---|---|---:|---:|---:|"]
