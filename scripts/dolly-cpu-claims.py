@@ -64,9 +64,26 @@ def difference(row: dict | None) -> tuple[str, list[tuple[float, float]]]:
     return text + f" ({row['diff_seeds']} seeds)", [rows, seeds]
 
 
+def measured(table: dict[tuple[str, str], dict]) -> list[str]:
+    """What the compared numbers are, from the report's CSV: the decoding and the test rows the students scored
+    (``kept/rows`` per set; where runs differ, each value with its number of runs)."""
+    decodings = sorted({row.get("decoding") for row in table.values() if row.get("decoding")})
+    rows: dict[str, set] = {}
+    for (method, dataset), row in table.items():
+        if method != "teacher" and row.get("test_rows"):
+            rows.setdefault(dataset, set()).add(row["test_rows"])
+    if not decodings and not rows:
+        return []
+    scored = "; ".join(f"{dataset} {' or '.join(sorted(values))}" for dataset, values in rows.items())
+    return [f"Measured: generations {' or '.join(decodings) or 'not recorded'}; test rows scored by the students "
+            f"(kept/rows): {scored or 'not recorded'}.", ""]
+
+
 def claims(root: Path) -> list[str]:
-    out = ["| claim | compared (row − baseline) | AVG (Dolly, S-NI, UnNI) | Dolly | verdict (AVG) |",
-           "|---|---|---|---|---|"]
+    base = root / "report.csv"
+    out = measured(read(base)) if base.exists() else []
+    out += ["| claim | compared (row − baseline) | AVG (Dolly, S-NI, UnNI) | Dolly | verdict (AVG) |",
+            "|---|---|---|---|---|"]
     for claim, folder, row_label, direction in QUALITY:
         path = root / folder / "report.csv"
         table = read(path) if path.exists() else {}

@@ -213,9 +213,11 @@ def test_claim_verdicts_follow_both_intervals(tmp_path):
                 writer.writerow({"method": method, "eval_dataset": dataset, "metric": "rougeL", "diff": diff,
                                  "diff_low": low, "diff_high": high, "diff_seed_low": seed_low,
                                  "diff_seed_high": seed_high, "diff_seeds": 3, "baseline": "b",
-                                 "train_time_s": seconds})
+                                 "train_time_s": seconds, "decoding": "greedy, at most 64 new tokens",
+                                 "test_rows": "" if dataset == "AVG" else "106/125"})
 
-    write(".", [("kd (fkl)", "AVG", 2.0, 0.5, 3.5, 0.2, 3.8, 100), ("okd (fkl)", "AVG", "", "", "", "", "", 100),
+    write(".", [("kd (fkl)", "AVG", 2.0, 0.5, 3.5, 0.2, 3.8, 100), ("kd (fkl)", "dolly", 2.0, 0.5, 3.5, 0.2, 3.8, 100),
+                ("okd (fkl)", "AVG", "", "", "", "", "", 100),
                 ("gkd (jsd)", "AVG", "", "", "", "", "", 500), ("minillm", "AVG", "", "", "", "", "", 250)])
     write("vs-kd", [("kd (rkl)", "AVG", -2.0, -3.0, -1.0, -4.0, -0.5, 1),      # every interval below 0
                     ("imitkd (fkl)", "AVG", 1.0, 0.1, 2.0, -0.5, 2.5, 1),      # the seed interval spans 0
@@ -223,6 +225,8 @@ def test_claim_verdicts_follow_both_intervals(tmp_path):
     write("exaccerr", [("kd (fkl)", "AVG", 3.0, "", "", 1.0, 5.0, 1), ("sft", "AVG", -3.0, "", "", -5.0, 1.0, 1)])
     verdicts = {line.split(" | ")[0].lstrip("| "): line.rsplit(" | ", 1)[1].rstrip(" |")
                 for line in claims.claims(tmp_path) if line.startswith("| ") and not line.startswith("| claim")}
+    assert claims.claims(tmp_path)[0] == ("Measured: generations greedy, at most 64 new tokens; test rows scored "
+                                          "by the students (kept/rows): dolly 106/125.")
     assert verdicts["KD ≥ SFT (every seed paper)"] == "**holds**"
     assert verdicts["reverse KL beats forward KL (MiniLLM)"] == "**does not hold**"
     assert verdicts["on-policy beats off-policy KD: ImitKD (Lin et al.)"] == "undecided at this power"
