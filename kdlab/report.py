@@ -20,7 +20,7 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
   ``exact_match``); a metric without per-row scores (``exaccerr.l=16``, ``top1``) is paired by seed only and
   gets the t-interval alone (MiniLLM's exposure-bias claim is read this way).
 - under each table, what its numbers measured, read from the runs themselves: the decoding of the scored
-  generations (the saved ``config.yaml``'s ``eval``), the test rows scored of each dataset and why the others
+  generations (results.json ``run.decoding``; for older runs, the saved ``config.yaml``'s ``eval``), the test rows scored of each dataset and why the others
   were dropped (results.json ``data``), the training rows, and the prompts of the teacher-forcing analysis;
   where runs differ, each value with the number of runs it holds for.
 - ``report.csv``: the same numbers in long form (one row per cell), with the decoding and the test rows
@@ -61,7 +61,7 @@ import re
 import statistics
 import sys
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -576,9 +576,7 @@ def _analysis(run: Run) -> str:
 
 def _tally(values: list[str]) -> str:
     """One value, or each distinct value with the number of runs that have it."""
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
+    counts = Counter(values)   # first-seen order
     if len(counts) == 1:
         return values[0]
     return "; ".join(f"{value} ({n} run{'s' if n > 1 else ''})" for value, n in counts.items())
