@@ -2,8 +2,9 @@
 # RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds (27 jobs), seed by seed so that a
 # partial run has every method, then the reference rows (the fine-tuned teacher and student_init, evaluated by
 # kdlab.eval without training; their table: results/dolly-cpu/reference/report.md) and the reports with paired
-# intervals (results/dolly-cpu/). Finished jobs are
-# skipped and interrupted ones resume: run it again to continue.
+# intervals (results/dolly-cpu/). Run it again to continue: finished jobs are skipped (on a fresh clone too: the
+# kept runs under results/dolly-cpu/runs/ are put back first), interrupted ones resume (on the same machine: their
+# checkpoints are not kept).
 #   scripts/dolly-cpu.sh                            one job at a time
 #   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md: about the
 #                                                   throughput of one job on 2 threads, every job timed alike)
@@ -15,6 +16,17 @@ python=${PYTHON:-python}
 results=${RESULTS_DIR:-results/dolly-cpu}
 jobs=${JOBS:-1}
 status=0
+# A fresh clone (a new machine or session) holds only the kept small files of the finished jobs (below): they are
+# put back where their jobs run, so those jobs are found complete and skipped (a kept config.yaml that differs from
+# the job's resolved config makes that job refuse its folder in one line). results.json goes last, under a
+# temporary name: a folder restored halfway never looks complete. A job's own results are never overwritten.
+shopt -s nullglob
+for kept in "$results"/runs/*/*/results.json; do
+  from=$(dirname "$kept"); to="$out/multirun/dolly-cpu/$(basename "$(dirname "$from")")/$(basename "$from")"
+  [ -e "$to/results.json" ] && continue
+  mkdir -p "$to" && cp "$from/metrics.jsonl" "$from/config.yaml" "$to/" && cp "$kept" "$to/.results.json.restoring" \
+    && mv "$to/.results.json.restoring" "$to/results.json" || status=1
+done
 # One line per job: its sweep and the overrides that pick one job of it (each job is a one-job multirun, so it
 # lands in the sweep's own folder, outputs/multirun/dolly-cpu/<method>-<student>-s<seed>/).
 for seed in 1 2 3; do
@@ -41,7 +53,6 @@ report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
 # under its job and override folder (kd and kd with reverse KL share a job name).
-shopt -s nullglob
 reference="$out/eval/dolly-cpu-reference"
 if [ -f "$reference/results.json" ]; then
   mkdir -p "$results/reference" && cp "$reference/results.json" "$reference/config.yaml" "$results/reference/"

@@ -72,7 +72,8 @@ def test_dolly_cpu_sweeps_cover_every_method_with_three_seeds():
 def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_report(tmp_path):
     """scripts/dolly-cpu.sh with a stand-in interpreter that records its arguments: with JOBS=2 every one of the
     27 (sweep, method, seed) jobs is started once, as a one-job multirun of its sweep, before the reference rows
-    (kdlab.eval), the reports and the claims, then the reference rows' own report."""
+    (kdlab.eval), the reports and the claims, then the reference rows' own report; finished runs kept by an earlier
+    clone are put back first, never over a run's own results."""
     import os
     import subprocess
 
@@ -86,6 +87,12 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
         (job / folder).mkdir(parents=True)
         for name in ("results.json", "metrics.jsonl", "config.yaml"):
             (job / folder / name).write_text(f"{folder} {name}")
+    # kept by an earlier clone: put back before the jobs start, except where this clone has the job's own results
+    kept_runs = tmp_path / "results" / "runs"
+    for name in ("sft-smollm2-pruned-50-s2", "kd-smollm2-pruned-50-s1"):
+        (kept_runs / name / "+sweep=dolly-cpu").mkdir(parents=True)
+        for file in ("results.json", "metrics.jsonl", "config.yaml"):
+            (kept_runs / name / "+sweep=dolly-cpu" / file).write_text(f"kept {name} {file}")
     reference = tmp_path / "out" / "eval" / "dolly-cpu-reference"
     reference.mkdir(parents=True)
     for name in ("results.json", "config.yaml"):
@@ -93,6 +100,10 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
                    env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
                         "RESULTS_DIR": str(tmp_path / "results")})
+    restored = tmp_path / "out" / "multirun" / "dolly-cpu" / "sft-smollm2-pruned-50-s2" / "+sweep=dolly-cpu"
+    assert sorted(p.read_text() for p in restored.iterdir()) == [
+        f"kept sft-smollm2-pruned-50-s2 {file}" for file in ("config.yaml", "metrics.jsonl", "results.json")]
+    assert (job / "+sweep=dolly-cpu" / "results.json").read_text() == "+sweep=dolly-cpu results.json"
     lines = calls.read_text().splitlines()
     runs = [line.split() for line in lines if line.startswith("-m kdlab.run ")]
     jobs = set()
