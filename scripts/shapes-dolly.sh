@@ -3,13 +3,17 @@
 # 150 steps of 8 (dolly-cpu's data and fine-tuned teacher) with one method, then evaluated greedily on the first
 # 100 rows of Dolly's valid split (the choice) and test split (reported beside it), before (student_init) and after
 # training. One `python -m kdlab.run` per row; each run's results.json holds the ROUGE-L and loss of both splits,
-# its metrics.jsonl the step time (train/step_time_s). Finished rows are skipped, interrupted ones resume.
+# its metrics.jsonl the step time (train/step_time_s). A finished run's small files (results.json, metrics.jsonl,
+# config.yaml) are kept in $KEPT/shape-<name>-<method>/ (default results/shapes-dolly, what
+# scripts/shapes-table.py reads); rows kept there are skipped (on a fresh clone too), interrupted ones resume (on
+# the same machine: their checkpoints are not kept).
 #   scripts/shapes-dolly.sh sft     # one method per call: RESULTS.md ran `sft` and `kd` side by side, one thread each
 #   scripts/shapes-dolly.sh kd
 #   OUT=... (default outputs) shares the fine-tuned teacher and the pruned students with the other scripts.
 set -uo pipefail
 method=${1:?usage: scripts/shapes-dolly.sh <method> [row ...]}; shift
 OUT=${OUT:-outputs}
+KEPT=${KEPT:-results/shapes-dolly}
 python=${PYTHON:-python}
 valid='{valid:{source:jsonl,path:../shared/data/dolly-1k/valid.jsonl,file_split:test,max_prompt_length:128,max_length:192}}'
 common=(+experiment=dolly-cpu student=smollm2-6l "method=$method" "output_dir=$OUT" train.max_steps=150 train.epochs=null
@@ -40,8 +44,20 @@ for name in "${order[@]}"; do
   models='[student_init,student]'
   [ "$name" = depth-width-50-loss ] && [ "$method" = sft ] && models='[teacher,student_init,student]'
   read -r -a overrides <<< "${rows[$name]}"
+  run=shape-$name-$method
+  if [ -f "$KEPT/$run/results.json" ]; then
+    echo "# $method $name: kept in $KEPT/$run, skipped" >&2
+    continue
+  fi
   echo "# $method $name" >&2
-  "$python" -m kdlab.run "${common[@]}" "run_name=shape-$name-$method" "student.name=$name" "eval.models=$models" \
+  "$python" -m kdlab.run "${common[@]}" "run_name=$run" "student.name=$name" "eval.models=$models" \
     "${overrides[@]}" || status=1
+  for found in "$OUT/runs/$run"/*/results.json; do
+    [ -f "$found" ] || continue
+    folder=$(dirname "$found")
+    mkdir -p "$KEPT/$run" && cp "$folder/metrics.jsonl" "$folder/config.yaml" "$KEPT/$run/" \
+      && cp "$found" "$KEPT/$run/.results.json.keeping" && mv "$KEPT/$run/.results.json.keeping" "$KEPT/$run/results.json" \
+      || status=1
+  done
 done
 exit $status

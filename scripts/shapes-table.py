@@ -1,11 +1,15 @@
 """RESULTS.md "Pruned students after 150 steps": one markdown row per student shape from the runs of
-scripts/shapes-dolly.sh (``<OUT>/runs/shape-<name>-<method>/*/``), read from each run's results.json (greedy
-ROUGE-L and response-token loss of ``student_init`` and ``student`` on the ``valid`` and ``dolly`` (test) sets),
-metrics.jsonl (median ``train/step_time_s``) and the trained student's config.json and safetensors header.
+scripts/shapes-dolly.sh, read from each run's results.json (greedy ROUGE-L and response-token loss of
+``student_init`` and ``student`` on the ``valid`` and ``dolly`` (test) sets) and metrics.jsonl (median
+``train/step_time_s``). A run is ``<OUT>/runs/shape-<name>-<method>/*/`` as it ran, or
+``results/shapes-dolly/shape-<name>-<method>/`` as kept (its small files only); the roots are searched in the
+order given. The shape and parameter counts come from the trained student (config.json, safetensors header)
+where the run folder has it, else from the shape's row of ``--prune-rows`` (scripts/prune-dolly.sh's
+``python -m kdlab.prune`` lines, the same shape by the same settings).
 Then, per method, each shape's ROUGE-L minus the ``--against`` shape's (default ``even-15``, the even cut) over
 the same valid / test rows, with a 95 % paired bootstrap interval over rows (10,000 resamples, seed 0; one
 training seed, so seed variance is not in it), and KD minus SFT per shape, the same way.
-    python scripts/shapes-table.py /work/shapes/runs [--against even-15] > results/shapes-dolly.md
+    python scripts/shapes-table.py outputs/runs results/shapes-dolly [--against even-15] > results/shapes-dolly.md
 """
 import argparse
 import json
@@ -14,9 +18,29 @@ import struct
 from pathlib import Path
 
 
-def one_run(root: Path, name: str, method: str) -> Path | None:
-    found = sorted((root / f"shape-{name}-{method}").glob("*/results.json"))
-    return found[0].parent if found else None
+def one_run(roots: list[Path], name: str, method: str) -> Path | None:
+    for root in roots:
+        folder = root / f"shape-{name}-{method}"
+        found = sorted(folder.glob("results.json")) + sorted(folder.glob("*/results.json"))
+        if found:
+            return found[0].parent
+    return None
+
+
+def shape_and_parameters(run: Path, prune_rows: dict[str, dict], name: str) -> tuple[dict, int, int]:
+    """(shape, all parameters, block parameters) of the run's student."""
+    student = run / "student"
+    if (student / "config.json").exists():
+        config = json.loads((student / "config.json").read_text())
+        shape = {"num_layers": config["num_hidden_layers"], "num_attention_heads": config["num_attention_heads"],
+                 "num_key_value_heads": config["num_key_value_heads"],
+                 "intermediate_size": config["intermediate_size"]}
+        return (shape, *parameters(student))
+    if name not in prune_rows:
+        raise SystemExit(f"{run} keeps no student/ and --prune-rows has no row {name!r}: pass the prune rows of "
+                         f"scripts/prune-dolly.sh (results/prune-dolly.jsonl)")
+    row = prune_rows[name]
+    return row["shape"], row["student_params"], row["student_block_params"]
 
 
 def parameters(student: Path) -> tuple[int, int]:
@@ -53,17 +77,17 @@ def paired(a: dict, b: dict) -> str:
     return f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}] ({len(d)} rows)"
 
 
-def differences(root: Path, names: list[str], against: str) -> None:
+def differences(roots: list[Path], names: list[str], against: str) -> None:
     print(f"\nROUGE-L minus {against}'s, same method, paired over rows (95 % bootstrap interval):\n")
     print("| shape | method | valid | test |")
     print("|---|---|---|---|")
     for method in ("sft", "kd"):
-        base = one_run(root, against, method)
+        base = one_run(roots, against, method)
         if base is None:
             continue
         base = json.loads((base / "results.json").read_text())["eval"]["student"]
         for name in names:
-            run = one_run(root, name, method)
+            run = one_run(roots, name, method)
             if name == against or run is None:
                 continue
             student = json.loads((run / "results.json").read_text())["eval"]["student"]
@@ -73,29 +97,31 @@ def differences(root: Path, names: list[str], against: str) -> None:
     print("| shape | valid | test |")
     print("|---|---|---|")
     for name in names:
-        runs = [one_run(root, name, m) for m in ("kd", "sft")]
+        runs = [one_run(roots, name, m) for m in ("kd", "sft")]
         if all(runs):
             kd, sft = (json.loads((r / "results.json").read_text())["eval"]["student"] for r in runs)
             print(f"| {name} | {paired(kd['valid'], sft['valid'])} | {paired(kd['dolly'], sft['dolly'])} |")
 
 
-def main(root: Path, against: str) -> None:
-    names = sorted({p.name[len("shape-"):].rsplit("-", 1)[0] for p in root.glob("shape-*")})
+def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
+    rows = {}
+    if prune_rows is not None:
+        rows = {row["student"]: row for row in map(json.loads, prune_rows.read_text().splitlines()) if row}
+    names = sorted({p.name[len("shape-"):].rsplit("-", 1)[0] for root in roots for p in root.glob("shape-*")})
     print("| shape | blocks | heads / kv | MLP | block params | all params | s/step SFT | s/step KD "
           "| start valid | SFT valid | KD valid | start test | SFT test | KD test |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     teacher = None
     for name in names:
-        runs = {m: one_run(root, name, m) for m in ("sft", "kd")}
+        runs = {m: one_run(roots, name, m) for m in ("sft", "kd")}
         first = next((r for r in runs.values() if r), None)
         if first is None:
             continue
         results = {m: json.loads((r / "results.json").read_text()) for m, r in runs.items() if r}
-        shape = json.loads((first / "student" / "config.json").read_text())
-        total, blocks = parameters(first / "student")
+        shape, total, blocks = shape_and_parameters(first, rows, name)
         init = results.get("sft", results.get("kd"))
         teacher = teacher or (init["eval"].get("teacher") and init)
-        row = [name, shape["num_hidden_layers"], f"{shape['num_attention_heads']}/{shape['num_key_value_heads']}",
+        row = [name, shape["num_layers"], f"{shape['num_attention_heads']}/{shape['num_key_value_heads']}",
                shape["intermediate_size"], f"{blocks / 1e6:.1f}M", f"{total / 1e6:.1f}M",
                *(f"{step_time(runs[m]):.2f}" if runs[m] else "—" for m in ("sft", "kd"))]
         for dataset in ("valid", "dolly"):
@@ -105,12 +131,15 @@ def main(root: Path, against: str) -> None:
     if teacher:
         print(f"\nFine-tuned teacher (ROUGE-L / loss): valid {cell(teacher, 'teacher', 'valid')}, "
               f"test {cell(teacher, 'teacher', 'dolly')}")
-    differences(root, names, against)
+    differences(roots, names, against)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="<OUT>/runs of scripts/shapes-dolly.sh")
+    parser.add_argument("roots", type=Path, nargs="+",
+                        help="<OUT>/runs of scripts/shapes-dolly.sh, and/or results/shapes-dolly (kept runs)")
     parser.add_argument("--against", default="even-15", help="the shape every other is compared with")
+    parser.add_argument("--prune-rows", type=Path, default=Path("results/prune-dolly.jsonl"),
+                        help="the shapes' kdlab.prune rows, for runs kept without their student")
     args = parser.parse_args()
-    main(args.runs, args.against)
+    main(args.roots, args.against, args.prune_rows if args.prune_rows.exists() else None)

@@ -1,7 +1,9 @@
 """student.init=pruned (kdlab.pruning): importances against a slow reference written from the papers' definitions,
 exact logits when nothing is pruned, GQA groups, the depth criteria against hand computations, the shared store
-(reuse, sweeps, a killed pruning) and bad shapes refused before the teacher loads."""
+(reuse, sweeps, a killed pruning), bad shapes refused before the teacher loads, and the shape scripts (kept runs,
+the RESULTS.md table reproduced from them)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,3 +378,52 @@ def json_source(folder):
     import json
 
     return json.loads((folder / "prune.json").read_text())["components"]["prune"]["source"]
+
+
+ROOT = Path(CONF_DIR).parent   # scripts/ and RESULTS.md
+
+
+def test_shapes_script_keeps_finished_runs_and_skips_kept_ones(tmp_path):
+    """scripts/shapes-dolly.sh with a stand-in interpreter that 'trains' by writing a run folder: a row kept in
+    $KEPT is not run again, a row that finishes gets its small files kept, a row that fails keeps nothing."""
+    import os
+    import subprocess
+
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {tmp_path / 'calls'}
+for a in "$@"; do case "$a" in run_name=*) run=${{a#run_name=}};; esac; done
+[ "$run" = shape-bi-8-sft ] && exit 1
+mkdir -p {out}/runs/$run/o
+for f in metrics.jsonl config.yaml results.json; do echo "$run $f" > {out}/runs/$run/o/$f; done
+""")
+    fake.chmod(0o755)
+    (kept / "shape-even-15-sft").mkdir(parents=True)
+    (kept / "shape-even-15-sft" / "results.json").write_text("kept before")
+    done = subprocess.run(["bash", "scripts/shapes-dolly.sh", "sft", "even-15", "even-8", "bi-8"], cwd=ROOT,
+                          env={**os.environ, "PYTHON": str(fake), "OUT": str(out), "KEPT": str(kept)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1   # bi-8 failed
+    runs = [line.split("run_name=")[1].split()[0] for line in (tmp_path / "calls").read_text().splitlines()]
+    assert runs == ["shape-even-8-sft", "shape-bi-8-sft"]
+    assert (kept / "shape-even-15-sft" / "results.json").read_text() == "kept before"
+    assert sorted(p.name for p in (kept / "shape-even-8-sft").iterdir()) == ["config.yaml", "metrics.jsonl",
+                                                                          "results.json"]
+    assert (kept / "shape-even-8-sft" / "results.json").read_text() == "shape-even-8-sft results.json\n"
+    assert not (kept / "shape-bi-8-sft").exists()
+
+
+def test_shapes_table_in_results_is_reproduced_from_the_kept_runs():
+    """RESULTS.md's "Pruned students after 150 steps" table is what scripts/shapes-table.py prints from the
+    committed kept runs (results/shapes-dolly/) and prune rows alone: no number in it needs a lost run folder."""
+    import re
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, "scripts/shapes-table.py", "results/shapes-dolly"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    results = (ROOT / "RESULTS.md").read_text()
+    block = re.search(r"<!-- scripts/shapes-table.py results/shapes-dolly -->\n(.*?)<!-- end -->", results, re.S)
+    assert block is not None, "RESULTS.md lost the table's markers"
+    assert block.group(1) == printed
