@@ -18,14 +18,13 @@ jobs=${JOBS:-1}
 status=0
 # A fresh clone (a new machine or session) holds only the kept small files of the finished jobs (below): they are
 # put back where their jobs run, so those jobs are found complete and skipped (a kept config.yaml that differs from
-# the job's resolved config makes that job refuse its folder in one line). results.json goes last, under a
-# temporary name: a folder restored halfway never looks complete. A job's own results are never overwritten.
+# the job's resolved config makes that job refuse its folder in one line; scripts/keep-run.sh copies results.json
+# last, so a folder restored halfway never looks complete). A job's own results are never overwritten.
 shopt -s nullglob
 for kept in "$results"/runs/*/*/results.json; do
   from=$(dirname "$kept"); to="$out/multirun/dolly-cpu/$(basename "$(dirname "$from")")/$(basename "$from")"
   [ -e "$to/results.json" ] && continue
-  mkdir -p "$to" && cp "$from/metrics.jsonl" "$from/config.yaml" "$to/" && cp "$kept" "$to/.results.json.restoring" \
-    && mv "$to/.results.json.restoring" "$to/results.json" || status=1
+  bash "$(dirname "$0")/keep-run.sh" "$from" "$to" || status=1
 done
 # One line per job: its sweep and the overrides that pick one job of it (each job is a one-job multirun, so it
 # lands in the sweep's own folder, outputs/multirun/dolly-cpu/<method>-<student>-s<seed>/).
@@ -61,6 +60,6 @@ fi
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
   run=$(dirname "$found"); job=$(basename "$(dirname "$run")")
   dest="$results/runs/$job/$(basename "$run")"
-  mkdir -p "$dest" && cp "$run/results.json" "$run/metrics.jsonl" "$run/config.yaml" "$dest/"
+  bash "$(dirname "$0")/keep-run.sh" "$run" "$dest" || status=1
 done
 exit $status

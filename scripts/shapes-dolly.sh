@@ -54,10 +54,7 @@ for name in "${order[@]}"; do
     "${overrides[@]}" || status=1
   for found in "$OUT/runs/$run"/*/results.json; do
     [ -f "$found" ] || continue
-    folder=$(dirname "$found")
-    mkdir -p "$KEPT/$run" && cp "$folder/metrics.jsonl" "$folder/config.yaml" "$KEPT/$run/" \
-      && cp "$found" "$KEPT/$run/.results.json.keeping" && mv "$KEPT/$run/.results.json.keeping" "$KEPT/$run/results.json" \
-      || status=1
+    bash "$(dirname "$0")/keep-run.sh" "$(dirname "$found")" "$KEPT/$run" || status=1
   done
 done
 exit $status
