@@ -2,9 +2,9 @@
 # RESULTS.md's comparison (experiments/dolly-cpu.yaml): every method x 3 seeds (27 jobs), seed by seed so that a
 # partial run has every method, then the reference rows (the fine-tuned teacher and student_init, evaluated by
 # kdlab.eval without training; their table: results/dolly-cpu/reference/report.md) and the reports with paired
-# intervals (results/dolly-cpu/). Run it again to continue: finished jobs are skipped (on a fresh clone too: the
-# kept runs under results/dolly-cpu/runs/ are put back first), interrupted ones resume (on the same machine: their
-# checkpoints are not kept).
+# intervals (results/dolly-cpu/). Run it again to continue: finished jobs and reference rows are skipped (on a
+# fresh clone too: those kept under results/dolly-cpu/runs/ and reference/ are put back first), interrupted jobs
+# resume (on the same machine: their checkpoints are not kept).
 #   scripts/dolly-cpu.sh                            one job at a time
 #   JOBS=2 OMP_NUM_THREADS=1 scripts/dolly-cpu.sh   two jobs side by side, one thread each (RESULTS.md: about the
 #                                                   throughput of one job on 2 threads, every job timed alike)
@@ -38,9 +38,18 @@ done | xargs -P "$jobs" -L 1 bash -c \
   'python=$0 out=$1 sweep=$2; shift 2; "$python" -m kdlab.run +experiment=dolly-cpu "+sweep=$sweep" "$@" "output_dir=$out"' \
   "$python" "$out" || status=1
 # The reference rows: the fine-tuned teacher, and the pruned student before training (kdlab.eval's `student`
-# row without student.path is the student as its group builds it: student_init).
-"$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" \
-  "hydra.run.dir=$out/eval/dolly-cpu-reference" || status=1
+# row without student.path is the student as its group builds it: student_init). Measured once: rows kept by an
+# earlier clone (results/dolly-cpu/reference/) are put back like the runs, and finished rows are not measured again.
+reference="$out/eval/dolly-cpu-reference"
+if [ ! -e "$reference/results.json" ] && [ -f "$results/reference/results.json" ]; then
+  mkdir -p "$reference" && cp "$results/reference/config.yaml" "$reference/" &&
+    cp "$results/reference/results.json" "$reference/.results.json.copying" &&
+    mv "$reference/.results.json.copying" "$reference/results.json" || status=1
+fi
+if [ ! -e "$reference/results.json" ]; then
+  "$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" \
+    "hydra.run.dir=$reference" || status=1
+fi
 # The tables each claim is read from (RESULTS.md): every method against SFT, against forward-KL KD (reverse KL,
 # on-policy methods, DPKD), against GKD and MiniLLM (OKD), and the exposure bias against MiniLLM.
 report() { "$python" -m kdlab.report "$out/multirun/dolly-cpu" "$@" || status=1; }
@@ -52,7 +61,6 @@ report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
 # under its job and override folder (kd and kd with reverse KL share a job name).
-reference="$out/eval/dolly-cpu-reference"
 if [ -f "$reference/results.json" ]; then
   mkdir -p "$results/reference" && cp "$reference/results.json" "$reference/config.yaml" "$results/reference/"
   "$python" -m kdlab.report "$reference" --out "$results/reference" > /dev/null || status=1   # its table: report.md

@@ -79,7 +79,11 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
 
     calls = tmp_path / "calls"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    # kdlab.eval writes its results.json into hydra.run.dir, as the real one does
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                    'case "$*" in *kdlab.eval*) for a in "$@"; do case "$a" in hydra.run.dir=*)\n'
+                    '  d=${a#hydra.run.dir=}; mkdir -p "$d"\n'
+                    '  for f in results.json config.yaml; do echo "reference $f" > "$d/$f"; done;; esac; done;; esac\n')
     fake.chmod(0o755)
     root = Path(CONF_DIR).parent
     job = tmp_path / "out" / "multirun" / "dolly-cpu" / "kd-smollm2-pruned-50-s1"
@@ -94,9 +98,6 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
         for file in ("results.json", "metrics.jsonl", "config.yaml"):
             (kept_runs / name / "+sweep=dolly-cpu" / file).write_text(f"kept {name} {file}")
     reference = tmp_path / "out" / "eval" / "dolly-cpu-reference"
-    reference.mkdir(parents=True)
-    for name in ("results.json", "config.yaml"):
-        (reference / name).write_text(f"reference {name}")
     subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=root, check=True, timeout=60,
                    env={**os.environ, "JOBS": "2", "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
                         "RESULTS_DIR": str(tmp_path / "results")})
@@ -133,7 +134,34 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
             f"{folder} {name}" for name in ("config.yaml", "metrics.jsonl", "results.json")]
     assert f"hydra.run.dir={reference}" in after[0]
     assert sorted(p.read_text() for p in (tmp_path / "results" / "reference").iterdir()) == [
-        "reference config.yaml", "reference results.json"]
+        "reference config.yaml\n", "reference results.json\n"]
+
+
+@pytest.mark.parametrize("kept_in", ["results", "out"])
+def test_the_sweep_script_measures_the_reference_rows_once(tmp_path, kept_in):
+    """Reference rows kept by an earlier clone (results/dolly-cpu/reference/) are put back, results.json last, and
+    reference rows already in the output folder are not measured again: kdlab.eval is not called either way, and
+    the reports still run."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    kept = tmp_path / ("results/reference" if kept_in == "results" else "out/eval/dolly-cpu-reference")
+    kept.mkdir(parents=True)
+    for name in ("results.json", "config.yaml"):
+        (kept / name).write_text(f"kept {name}")
+    subprocess.run(["bash", "scripts/dolly-cpu.sh"], cwd=Path(CONF_DIR).parent, check=True, timeout=60,
+                   env={**os.environ, "PYTHON": str(fake), "OUTPUT_DIR": str(tmp_path / "out"),
+                        "RESULTS_DIR": str(tmp_path / "results")})
+    lines = calls.read_text().splitlines()
+    assert not [line for line in lines if "kdlab.eval" in line]
+    assert any("--baseline sft" in line for line in lines)
+    reference = tmp_path / "out" / "eval" / "dolly-cpu-reference"
+    assert sorted(p.name for p in reference.iterdir()) == ["config.yaml", "results.json"]
+    assert (reference / "results.json").read_text() == "kept results.json"
 
 
 SMOKE = ["dataset.max_examples={train:16,valid:4,test:4}", "teacher.finetune.max_steps=2",
