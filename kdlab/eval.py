@@ -30,7 +30,7 @@ from pathlib import Path
 from kdlab.cli import main, open_run_folder, validate_config, write_results
 from kdlab.config import ConfigError
 from kdlab.data import encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
-from kdlab.hardware import start_runtime
+from kdlab.hardware import machine_text, start_runtime
 from kdlab.loggers import build_logger
 from kdlab.metrics.evaluate import decoding_text, evaluate_sets
 from kdlab.student import derive_models, load_models
@@ -64,7 +64,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
                 else None, "divergence": None,
                 "dataset": cfg.dataset.name, "datasets": list(sets.test), "seed": cfg.seed,
                 "experiment": cfg.experiment, "decoding": decoding_text(cfg.eval),
-                "eval_time_s": time.perf_counter() - start, "status": "completed"},
+                "eval_time_s": time.perf_counter() - start, "machine": machine_text(), "status": "completed"},
         "eval": evals,
         "data": sets.counts,
     }

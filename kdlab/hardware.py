@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +98,28 @@ def start_runtime(cfg) -> Runtime:
 
 
 def seed_everything(seed: int) -> None:
-    """Python and torch RNGs (CPU and CUDA). CPU runs are bitwise reproducible; on GPUs some kernels
-    (atomics in attention backward, cuBLAS split-K) are not deterministic, so GPU reruns agree only
-    to within floating-point noise."""
+    """Python and torch RNGs (CPU and CUDA). CPU runs are bitwise reproducible on the same CPU model, torch
+    build and thread count; another CPU model runs other kernels (RESULTS.md: an Intel Xeon rerun of an AMD EPYC
+    run agreed to about 3e-7 relative at step 10, not bitwise), which results.json's ``run.machine`` records. On
+    GPUs some kernels (atomics in attention backward, cuBLAS split-K) are not deterministic, so GPU reruns agree
+    only to within floating-point noise."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def machine_text() -> str:
+    """The machine a job's times and numbers were measured on, as results.json's ``run.machine`` records it:
+    the CPU model, its cores, torch's thread count and the visible GPUs (e.g. ``AMD EPYC 7B13, 2 CPUs, 1 torch
+    thread``)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    text = f"{cpu}, {os.cpu_count()} CPUs, {threads} torch thread{'s' if threads > 1 else ''}"
+    if torch.cuda.is_available():
+        gpus = Counter(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        text += ", " + ", ".join(f"{n} x {name}" for name, n in gpus.items())
+    return text

@@ -21,8 +21,9 @@ Walks ``<folder>`` for ``results.json`` (format in docs/DESIGN.md) and writes to
   gets the t-interval alone (MiniLLM's exposure-bias claim is read this way).
 - under each table, what its numbers measured, read from the runs themselves: the decoding of the scored
   generations (results.json ``run.decoding``; for older runs, the saved ``config.yaml``'s ``eval``), the test rows scored of each dataset and why the others
-  were dropped (results.json ``data``), the training rows, and the prompts of the teacher-forcing analysis;
-  where runs differ, each value with the number of runs it holds for.
+  were dropped (results.json ``data``), the training rows, the prompts of the teacher-forcing analysis, and
+  the machine the times were measured on (``run.machine``); where runs differ, each value with the number of
+  runs it holds for.
 - ``report.csv``: the same numbers in long form (one row per cell), with the decoding and the test rows
   scored by the students (``decoding``, ``test_rows``: ``kept/rows``; a teacher's rows are tokenized by its own
   tokenizer, so its ``test_rows`` is left empty).
@@ -589,7 +590,8 @@ def measured(runs: list[Run], datasets: list[str]) -> str:
                       for d in datasets)
     return (f"Measured: generations {_tally([decoding(r) for r in students])}. Test rows scored: {tests}. "
             f"Training rows: {_tally([rows_text(r.data.get('train')) for r in students])}. Teacher-forcing "
-            f"analysis (TOP-1, UNC, ExAccErr): {_tally([_analysis(r) for r in students])}.")
+            f"analysis (TOP-1, UNC, ExAccErr): {_tally([_analysis(r) for r in students])}. Machine (times): "
+            f"{_tally([r.meta.get('machine') or 'not recorded' for r in runs])}.")
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:

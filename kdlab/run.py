@@ -17,7 +17,7 @@ from kdlab import distributed
 from kdlab.cli import main, open_run_folder, override_dirname, validate_config, write_results
 from kdlab.data import JobSets, encode_job_sets, eval_dataset_cfgs, load_test_sets, load_training_splits
 from kdlab.divergences import is_cross_tokenizer
-from kdlab.hardware import Runtime, start_runtime
+from kdlab.hardware import Runtime, machine_text, start_runtime
 from kdlab.loggers import build_logger
 from kdlab.methods import build_job_method, method_class
 from kdlab.methods.base import Method
@@ -126,7 +126,7 @@ def run_record(cfg, overrides: str, info: dict, selected: str) -> dict:
             "divergence": cfg.divergence.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
             "experiment": cfg.experiment, "overrides": overrides, "train_time_s": info["train_time_s"],
             "selected": selected, "decoding": decoding_text(cfg.eval),
-            "versions": {name: version(name) for name in RECORDED_PACKAGES},
+            "versions": {name: version(name) for name in RECORDED_PACKAGES}, "machine": machine_text(),
             "status": "completed"}
 
 

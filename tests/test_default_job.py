@@ -2,6 +2,7 @@
 teacher (SmolLM2-135M-Instruct, GGUF) and the student derived from it."""
 import importlib.util
 import json
+import os
 from importlib.metadata import version
 
 import pytest
@@ -22,6 +23,8 @@ def test_default_job_end_to_end_at_reduced_steps(tmp_path):
     assert res["run"]["method"] == "kd" and res["run"]["status"] == "completed"
     # the versions a run's numbers depend on (README: the lock)
     assert res["run"]["versions"] == {name: version(name) for name in ("torch", "transformers", "peft")}
+    # the machine its times were measured on (hardware.py machine_text: CPU model, cores, torch threads)
+    assert f", {os.cpu_count()} CPUs, " in res["run"]["machine"] and "torch thread" in res["run"]["machine"]
     # the printed table has the three rows the README promises
     for row in ("| teacher | synthetic |", "| student_init | synthetic |", "| student | synthetic |"):
         assert row in proc.stdout

@@ -107,7 +107,8 @@ def write_run(run_dir, method, seed, status="completed", results=True, divergenc
     results_json = {
         "run": {"method": method, "student": "tiny-s", "teacher": "tiny-t", "seed": seed,
                 "divergence": divergence or METHODS.get(method, "fkl"), "dataset": "dolly", "experiment": "exp1",
-                "train_time_s": TIME.get((method, seed)), "status": status},
+                "train_time_s": TIME.get((method, seed)), "status": status,
+                **({"machine": "CPU A, 2 CPUs, 1 torch thread"} if seed == 1 else {})},
         "eval": {"teacher": {d: {"rougeL": teacher_score(seed, d)} for d in DATASETS}, "student": student},
         "data": {"train": split_counts(200, 190),
                  "test": {d: split_counts(N_ROWS, len(kept_rows(method, seed, d))) for d in DATASETS}},
@@ -454,6 +455,8 @@ def test_each_table_says_what_it_measured(sweep, tmp_path):
             in line), line
     assert "Training rows: 190 of 200 (10 dropped: prompt over 128 tokens)." in line
     assert "first 25 scored rows per dataset, 1 ExAccErr sample(s) per prompt" in line
+    # seed 1's runs recorded their machine (results.json run.machine), the others predate it
+    assert line.endswith("Machine (times): CPU A, 2 CPUs, 1 torch thread (3 runs); not recorded (6 runs)."), line
     table = read_csv(tmp_path / "out" / "report.csv")
     assert table[("gkd (jsd)", "dolly")]["test_rows"] == "30/30 (2 runs); 29/30 (1 run)"
     assert table[("kd (fkl)", "sinst")]["test_rows"] == "30/30"

@@ -1,5 +1,6 @@
 """End to end: `python -m kdlab.run` on tiny models (smoke) — outputs, multirun, resume after a kill."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -96,3 +97,23 @@ def test_rerunning_a_finished_job_does_not_train_again(tmp_path):
     assert (tmp_path / "results.json").stat().st_mtime_ns == before
     changed = run_kdlab("+experiment=smoke", "method.alpha=0.9", f"hydra.run.dir={tmp_path}", check=False)
     assert changed.returncode == 2 and "different config" in changed.stderr
+
+
+def test_machine_text_names_the_cpu_model_cores_and_threads(monkeypatch):
+    """results.json's run.machine: the CPU model (/proc/cpuinfo's first "model name" where Linux has one), the
+    cores and torch's thread count, so that times from different machines are told apart."""
+    from kdlab.hardware import machine_text
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = machine_text()
+    assert text.endswith(f", {os.cpu_count()} CPUs, 1 torch thread"), text
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        model = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert text.startswith(model.split(":", 1)[1].strip() + ", ")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    assert machine_text().endswith(" CPUs, 3 torch threads, 2 x NVIDIA H100 80GB HBM3")
