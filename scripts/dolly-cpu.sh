@@ -58,6 +58,9 @@ report --out "$results/vs-kd" --baseline 'kd (fkl)'
 report --out "$results/vs-gkd" --baseline gkd
 report --out "$results/vs-minillm" --baseline minillm
 report --out "$results/exaccerr" --baseline minillm --metric exaccerr.l=16
+# What the students learnt besides ROUGE-L, against SFT: the loss on the gold test responses (every scored row),
+# the forward KL from the teacher on them (the first 50 rows, teacher-forced), and the greedy outputs' Dist-4.
+for metric in loss kl dist4; do report --out "$results/$metric" --baseline sft --metric "$metric"; done
 mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$results/claims.md" || status=1
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
 # under its job and override folder (kd and kd with reverse KL share a job name).

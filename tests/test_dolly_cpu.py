@@ -125,6 +125,8 @@ def test_the_sweep_script_runs_27_distinct_jobs_then_the_reference_rows_and_the_
     assert after[1].startswith("-m kdlab.report") and "--baseline sft" in after[1]
     reports = [line for line in after if line.startswith("-m kdlab.report") and "--baseline" in line]
     assert {line.split("--baseline ")[1].split(" ")[0] for line in reports} == {"sft", "kd", "gkd", "minillm"}
+    assert {line.split("--metric ")[1] for line in reports if "--metric" in line} == {
+        "exaccerr.l=16", "loss", "kl", "dist4"}
     assert after[-2] == f"scripts/dolly-cpu-claims.py {tmp_path / 'results'}"
     assert after[-1] == f"-m kdlab.report {reference} --out {tmp_path / 'results' / 'reference'}"   # its table
     assert all(f"--out {tmp_path / 'results'}" in line for line in reports)
