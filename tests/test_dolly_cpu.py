@@ -277,3 +277,38 @@ def test_claim_verdicts_follow_both_intervals(tmp_path):
     assert verdicts["MiniLLM's exposure bias (ExAccErr) is lower than SFT's"] == "undecided at this power"
     assert verdicts["OKD takes about 1/4 of GKD's training time (Rao et al.)"] == "**holds**"          # 0.20
     assert verdicts["OKD takes about 1/4 of MiniLLM's training time (Rao et al.)"].startswith("undecided")  # 0.40
+
+
+def test_results_blocks_copy_whole_files_and_numbered_tables(tmp_path):
+    """scripts/results-blocks.py replaces each block with its source (a whole file, or its N-th markdown
+    table), says which blocks were stale, leaves the rest of the file alone, and refuses a missing source."""
+    import subprocess
+    import sys
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "claims.md").write_text("| a |\n|---|\n| 1 |\n")
+    (tmp_path / "r" / "report.md").write_text("# x\n\n| t1 |\n|---|\n\ntext\n| t2 |\n|---|\n| 2 |\n\nend\n")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("intro\n<!-- from r/claims.md -->\nold\n<!-- end -->\nmiddle\n"
+                   "<!-- from r/report.md table 2 -->\n| t2 |\n|---|\n| 2 |\n<!-- end -->\ntail\n")
+    script = [sys.executable, str(Path(CONF_DIR).parent / "scripts" / "results-blocks.py"), "--file", str(doc)]
+    check = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "r/claims.md" in check.stderr and "table 2" not in check.stderr
+    subprocess.run(script, check=True, capture_output=True)
+    assert doc.read_text() == ("intro\n<!-- from r/claims.md -->\n| a |\n|---|\n| 1 |\n<!-- end -->\nmiddle\n"
+                               "<!-- from r/report.md table 2 -->\n| t2 |\n|---|\n| 2 |\n<!-- end -->\ntail\n")
+    assert subprocess.run([*script, "--check"]).returncode == 0
+    doc.write_text("<!-- from r/gone.md -->\n<!-- end -->\n")
+    missing = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "r/gone.md, which does not exist" in missing.stderr
+
+
+def test_results_md_blocks_are_the_committed_reports():
+    """Every table RESULTS.md copies from a committed report is that report's current text."""
+    import subprocess
+    import sys
+
+    root = Path(CONF_DIR).parent
+    check = subprocess.run([sys.executable, "scripts/results-blocks.py", "--check"], cwd=root,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
