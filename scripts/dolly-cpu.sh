@@ -42,9 +42,7 @@ done | xargs -P "$jobs" -L 1 bash -c \
 # earlier clone (results/dolly-cpu/reference/) are put back like the runs, and finished rows are not measured again.
 reference="$out/eval/dolly-cpu-reference"
 if [ ! -e "$reference/results.json" ] && [ -f "$results/reference/results.json" ]; then
-  mkdir -p "$reference" && cp "$results/reference/config.yaml" "$reference/" &&
-    cp "$results/reference/results.json" "$reference/.results.json.copying" &&
-    mv "$reference/.results.json.copying" "$reference/results.json" || status=1
+  bash "$(dirname "$0")/keep-run.sh" "$results/reference" "$reference" || status=1
 fi
 if [ ! -e "$reference/results.json" ]; then
   "$python" -m kdlab.eval +experiment=dolly-cpu 'eval.models=[teacher,student]' "output_dir=$out" \
@@ -65,7 +63,7 @@ mkdir -p "$results" && "$python" scripts/dolly-cpu-claims.py "$results" > "$resu
 # Each finished job's small files (scores, per-row ROUGE-L, samples, curves, config) are kept beside the reports,
 # under its job and override folder (kd and kd with reverse KL share a job name).
 if [ -f "$reference/results.json" ]; then
-  mkdir -p "$results/reference" && cp "$reference/results.json" "$reference/config.yaml" "$results/reference/"
+  bash "$(dirname "$0")/keep-run.sh" "$reference" "$results/reference" || status=1
   "$python" -m kdlab.report "$reference" --out "$results/reference" > /dev/null || status=1   # its table: report.md
 fi
 for found in "$out"/multirun/dolly-cpu/*/*/results.json; do
