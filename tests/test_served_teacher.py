@@ -19,9 +19,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -364,23 +366,47 @@ class LlamaServer:
         return f"{resolve_folder(spec, 'teacher')[0]}/{spec.gguf_file}"
 
     def start(self):
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", self.gguf(), "--host",
                                       "127.0.0.1", "--port", str(self.port), "--logits_all", "true", "--n_ctx", "2048",
-                                      "--n_threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      "--n_threads", "1"], stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
                 Client(self.url, 2, 0, None).call("/v1/models", retries=0)
-                return self
+                break
             except TeacherFault:
+                self.check_alive("while starting")
                 time.sleep(0.5)
-        raise RuntimeError("llama_cpp.server did not start within 120 s")
+        else:
+            raise RuntimeError("llama_cpp.server did not start within 120 s")
+        # The model's kernels first run on a completion: a server built for another CPU answers /v1/models and
+        # then dies of SIGILL, which every test would otherwise report as "Remote end closed connection".
+        try:
+            Client(self.url, 60, 0, None).call("/v1/completions", {"prompt": "Hi", "max_tokens": 1}, retries=0)
+        except TeacherFault:
+            time.sleep(1)
+            self.check_alive("on its first completion")
+            raise
+        return self
+
+    def check_alive(self, when: str):
+        if self.proc.poll() is None:
+            return
+        code = self.proc.returncode
+        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+        hint = ": a build for another CPU (pip's wheel cache?): rebuild with `make install-server`" \
+            if code == -signal.SIGILL else ""
+        raise RuntimeError(f"llama_cpp.server died {when} ({cause}){hint}; its last lines: {tail}")
 
     def stop(self):
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
             self.proc = None
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
