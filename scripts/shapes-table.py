@@ -1,7 +1,7 @@
 """RESULTS.md "Pruned students after 150 steps": one markdown row per student shape from the runs of
 scripts/shapes-dolly.sh, read from each run's results.json (greedy ROUGE-L and response-token loss of
 ``student_init`` and ``student`` on the ``valid`` and ``dolly`` (test) sets) and metrics.jsonl (median
-``train/step_time_s``). A run is ``<OUT>/runs/shape-<name>-<method>/*/`` as it ran, or
+``train/step_time_s``; the machine it ran on is listed below the table). A run is ``<OUT>/runs/shape-<name>-<method>/*/`` as it ran, or
 ``results/shapes-dolly/shape-<name>-<method>/`` as kept (its small files only); the roots are searched in the
 order given. The shape and parameter counts come from the trained student (config.json, safetensors header)
 where the run folder has it, else from the shape's row of ``--prune-rows`` (scripts/prune-dolly.sh's
@@ -111,13 +111,16 @@ def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
     print("| shape | blocks | heads / kv | MLP | block params | all params | s/step SFT | s/step KD "
           "| start valid | SFT valid | KD valid | start test | SFT test | KD test |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    teacher = None
+    teacher, machines = None, {}
     for name in names:
         runs = {m: one_run(roots, name, m) for m in ("sft", "kd")}
         first = next((r for r in runs.values() if r), None)
         if first is None:
             continue
         results = {m: json.loads((r / "results.json").read_text()) for m, r in runs.items() if r}
+        for method, result in results.items():
+            machine = result["run"].get("machine") or "not recorded (runs before results.json kept run.machine)"
+            machines.setdefault(machine, []).append(f"{name} {method}")
         shape, total, blocks = shape_and_parameters(first, rows, name)
         init = results.get("sft", results.get("kd"))
         teacher = teacher or (init["eval"].get("teacher") and init)
@@ -128,6 +131,9 @@ def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
             row.append(cell(init, "student_init", dataset))
             row += [cell(results[m], "student", dataset) if m in results else "—" for m in ("sft", "kd")]
         print("| " + " | ".join(str(c) for c in row) + " |")
+    print("\nWhere each run's step time was measured (its results.json's run.machine):\n")
+    for machine, rows_there in sorted(machines.items()):
+        print(f"- {machine}: {', '.join(rows_there)}")
     if teacher:
         print(f"\nFine-tuned teacher (ROUGE-L / loss): valid {cell(teacher, 'teacher', 'valid')}, "
               f"test {cell(teacher, 'teacher', 'dolly')}")
