@@ -3,9 +3,10 @@ scripts/shapes-dolly.sh, read from each run's results.json (greedy ROUGE-L and r
 ``student_init`` and ``student`` on the ``valid`` and ``dolly`` (test) sets) and metrics.jsonl (median
 ``train/step_time_s``; the machine it ran on is listed below the table). A run is
 ``<OUT>/runs/shape-<name>-<method>/*/`` as it ran, or ``results/shapes-dolly/shape-<name>-<method>/`` as kept
-(its small files only); the roots are searched in the order given. The shape and parameter counts come from the trained student (config.json, safetensors header)
-where the run folder has it, else from the shape's row of ``--prune-rows`` (scripts/prune-dolly.sh's
-``python -m kdlab.prune`` lines, the same shape by the same settings).
+(its small files only); the roots are searched in the order given. The shape and parameter counts come from
+the trained student (config.json, safetensors header) where the run folder has it, else from the shape's row of
+``--prune-rows`` (scripts/prune-dolly.sh's ``python -m kdlab.prune`` lines, the same shape by the same
+settings).
 Then, per method, each shape's ROUGE-L minus the ``--against`` shape's (default ``even-15``, the even cut) over
 the same valid / test rows, with a 95 % paired bootstrap interval over rows (10,000 resamples, seed 0; one
 training seed, so seed variance is not in it), and KD minus SFT per shape, the same way.
