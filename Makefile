@@ -14,10 +14,12 @@ install:
 	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
 
 # The real llama.cpp server that the served-teacher tests start (they skip without it): built from its
-# source distribution with the machine's cmake and g++ (about 8 minutes on 2 cores). Built for any x86-64
+# source distribution with the machine's cmake and g++ (about 7 minutes on 2 cores). Built for any x86-64
 # with AVX2 (GGML_NATIVE=OFF), never from pip's wheel cache: llama.cpp's default build targets the building
-# CPU, and a wheel cached on an AVX-512 machine dies of SIGILL on its first completion on one without
-# (CI, 2026-12-07: the served-teacher tests failed with "Remote end closed connection").
+# CPU's every extension, AMX included, and on a virtual machine whose CPU reports AMX without granting its
+# tile state, the server dies (general protection fault at `ldtilecfg`) on its first prompt of a few dozen
+# tokens (CI, 2026-12-07: the served-teacher tests failed with "Remote end closed connection"); a wheel
+# cached on one CPU can also die of SIGILL on another.
 install-server:
 	CMAKE_ARGS="-DGGML_NATIVE=OFF $$CMAKE_ARGS" $(PIP) install -q --no-cache-dir $(CONSTRAINTS) "llama-cpp-python[server]"
 

@@ -380,10 +380,12 @@ class LlamaServer:
                 time.sleep(0.5)
         else:
             raise RuntimeError("llama_cpp.server did not start within 120 s")
-        # The model's kernels first run on a completion: a server built for another CPU answers /v1/models and
-        # then dies of SIGILL, which every test would otherwise report as "Remote end closed connection".
+        # The matmul kernels first run on a prompt: a server built with kernels this machine cannot run (AMX on
+        # a VM that does not grant it, another CPU's wheel) answers /v1/models, then dies on a prompt of a few
+        # dozen tokens, which every test would otherwise report as "Remote end closed connection".
         try:
-            Client(self.url, 60, 0, None).call("/v1/completions", {"prompt": "Hi", "max_tokens": 1}, retries=0)
+            Client(self.url, 120, 0, None).call("/v1/completions", {"prompt": PROBE_SENTENCE * 4, "max_tokens": 1,
+                                                                    "echo": True, "logprobs": 5}, retries=0)
         except TeacherFault:
             time.sleep(1)
             self.check_alive("on its first completion")
@@ -397,8 +399,8 @@ class LlamaServer:
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         self.log.seek(0)
         tail = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
-        hint = ": a build for another CPU (pip's wheel cache?): rebuild with `make install-server`" \
-            if code == -signal.SIGILL else ""
+        hint = (": built with kernels this machine cannot run (AMX on a VM, another CPU's cached wheel)? rebuild "
+                "it portable with `make install-server`") if code < 0 else ""
         raise RuntimeError(f"llama_cpp.server died {when} ({cause}){hint}; its last lines: {tail}")
 
     def stop(self):
