@@ -136,8 +136,8 @@ def test_rows_of_the_servers_own_tokenisation_are_realigned_by_byte(smollm2):
 class VLLMDouble:
     """vLLM's documents computed by an in-process model: ``/v1/models``, ``/tokenize``, ``/v1/completions``
     (prompt log-probs of token-id prompts, greedy generation). ``shift``: answer one position off (a server
-    whose alignment is not the dialect's); ``fail``: ``"nan"`` log-probs; ``fail_after``: completions answered
-    before every later one gets 503."""
+    whose alignment is not the dialect's); ``fail``: ``"nan"`` log-probs, or ``"close"``: completions closed
+    without an answer (a crashed server); ``fail_after``: completions answered before every later one gets 503."""
 
     def __init__(self, model, tokenizer, name: str = "teacher"):
         self.model, self.tok, self.name = model, tokenizer, name
@@ -158,6 +158,9 @@ class VLLMDouble:
                     ids = double.tok.encode(body["prompt"], add_special_tokens=False)
                     return self.answer(200, {"tokens": ids, "count": len(ids), "max_model_len": 2048})
                 double.completions += 1
+                if double.fail == "close":
+                    self.close_connection = True
+                    return
                 if double.fail_after is not None and double.completions > double.fail_after:
                     return self.answer(503, {"error": "overloaded"})
                 self.answer(200, double.complete(body))
@@ -256,6 +259,11 @@ def test_the_probe_refuses_what_cannot_work_in_one_line(double, smollm2):
         connect(serve(double.url), tok)
     double.shift, double.fail = 0, "nan"
     with pytest.raises(ServerError, match=r"malformed log-probs on the probe sentence: .* is 'NaN', not a finite"):
+        connect(serve(double.url), tok)
+    double.fail = "close"
+    with pytest.raises(ServerError, match=rf"teacher server {double.url} answered /v1/models but not the probe "
+                                          r"sentence's scoring \(unreachable \(Remote end closed connection .*"
+                                          r"CMAKE_ARGS=-DGGML_NATIVE=OFF\)$"):
         connect(serve(double.url), tok)
     double.fail = None
     with pytest.raises(ServerError, match=r"serves \['teacher'\], not teacher.serve.model=llama"):

@@ -506,7 +506,10 @@ def connect(serve, tokenizer) -> ServedTeacher:
             raise ServerError(f"teacher server {url} ({name}): malformed log-probs on the probe sentence: {err}") \
                 from None
         except TeacherFault as err:
-            raise ServerError(str(err)) from None
+            raise ServerError(f"teacher server {url} answered /v1/models but not the probe sentence's scoring "
+                              f"({str(err).split(': ', 1)[-1]}): read the server's log (a llama.cpp server that "
+                              f"crashes here may be built with kernels this machine cannot run, e.g. AMX on a "
+                              f"virtual machine: rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF)") from None
         short = [t for t, row in enumerate(rows) if row is not None and len(row) < min(cfg["top_k"], 2)]
         if short:
             raise ServerError(f"teacher server {url}: {len(short)} probe positions have fewer than 2 log-probs "
