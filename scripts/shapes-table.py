@@ -7,10 +7,11 @@ scripts/shapes-dolly.sh, read from each run's results.json (greedy ROUGE-L and r
 the trained student (config.json, safetensors header) where the run folder has it, else from the shape's row of
 ``--prune-rows`` (scripts/prune-dolly.sh's ``python -m kdlab.prune`` lines, the same shape by the same
 settings).
-Then, per method, each shape's ROUGE-L minus the ``--against`` shape's (default ``even-15``, the even cut) over
-the same valid / test rows, with a 95 % paired bootstrap interval over rows (10,000 resamples, seed 0; one
-training seed, so seed variance is not in it), and KD minus SFT per shape, the same way.
-    python scripts/shapes-table.py outputs/runs results/shapes-dolly [--against even-15] > results/shapes-dolly.md
+Then, per method, each shape's ROUGE-L minus that of the ``--against`` shape nearest to it in block parameters
+(default ``even-15 even-8``: the even cut of the same size) over the same valid / test rows, with a 95 % paired
+bootstrap interval over rows (10,000 resamples, seed 0; one training seed, so seed variance is not in it), and KD
+minus SFT per shape, the same way.
+    python scripts/shapes-table.py outputs/runs results/shapes-dolly [--against even-15 even-8]
 """
 import argparse
 import json
@@ -78,21 +79,23 @@ def paired(a: dict, b: dict) -> str:
     return f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}] ({len(d)} rows)"
 
 
-def differences(roots: list[Path], names: list[str], against: str) -> None:
-    print(f"\nROUGE-L minus {against}'s, same method, paired over rows (95 % bootstrap interval):\n")
-    print("| shape | method | valid | test |")
-    print("|---|---|---|---|")
+def differences(roots: list[Path], names: list[str], against: list[str], block_params: dict[str, int]) -> None:
+    """Each shape against the ``against`` shape nearest in block parameters, then KD against SFT."""
+    print(f"\nROUGE-L minus the nearest-sized of {', '.join(against)} (same method), paired over rows (95 % "
+          f"bootstrap interval):\n")
+    print("| shape | method | minus | valid | test |")
+    print("|---|---|---|---|---|")
+    present = [a for a in against if a in block_params]
     for method in ("sft", "kd"):
-        base = one_run(roots, against, method)
-        if base is None:
-            continue
-        base = json.loads((base / "results.json").read_text())["eval"]["student"]
         for name in names:
-            run = one_run(roots, name, method)
-            if name == against or run is None:
+            if name in against or not present:
                 continue
-            student = json.loads((run / "results.json").read_text())["eval"]["student"]
-            print(f"| {name} | {method} | {paired(student['valid'], base['valid'])} | "
+            nearest = min(present, key=lambda a: abs(block_params[a] - block_params[name]))
+            base, run = one_run(roots, nearest, method), one_run(roots, name, method)
+            if base is None or run is None:
+                continue
+            base, student = (json.loads((r / "results.json").read_text())["eval"]["student"] for r in (base, run))
+            print(f"| {name} | {method} | {nearest} | {paired(student['valid'], base['valid'])} | "
                   f"{paired(student['dolly'], base['dolly'])} |")
     print("\nKD minus SFT, same shape, paired over rows:\n")
     print("| shape | valid | test |")
@@ -104,7 +107,7 @@ def differences(roots: list[Path], names: list[str], against: str) -> None:
             print(f"| {name} | {paired(kd['valid'], sft['valid'])} | {paired(kd['dolly'], sft['dolly'])} |")
 
 
-def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
+def main(roots: list[Path], against: list[str], prune_rows: Path | None) -> None:
     rows = {}
     if prune_rows is not None:
         rows = {row["student"]: row for row in map(json.loads, prune_rows.read_text().splitlines()) if row}
@@ -112,7 +115,7 @@ def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
     print("| shape | blocks | heads / kv | MLP | block params | all params | s/step SFT | s/step KD "
           "| start valid | SFT valid | KD valid | start test | SFT test | KD test |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    teacher, machines = None, {}
+    teacher, machines, block_params = None, {}, {}
     for name in names:
         runs = {m: one_run(roots, name, m) for m in ("sft", "kd")}
         first = next((r for r in runs.values() if r), None)
@@ -123,6 +126,7 @@ def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
             machine = result["run"].get("machine") or "not recorded (runs before results.json kept run.machine)"
             machines.setdefault(machine, []).append(f"{name} {method}")
         shape, total, blocks = shape_and_parameters(first, rows, name)
+        block_params[name] = blocks
         init = results.get("sft", results.get("kd"))
         teacher = teacher or (init["eval"].get("teacher") and init)
         row = [name, shape["num_layers"], f"{shape['num_attention_heads']}/{shape['num_key_value_heads']}",
@@ -138,14 +142,15 @@ def main(roots: list[Path], against: str, prune_rows: Path | None) -> None:
     if teacher:
         print(f"\nFine-tuned teacher (ROUGE-L / loss): valid {cell(teacher, 'teacher', 'valid')}, "
               f"test {cell(teacher, 'teacher', 'dolly')}")
-    differences(roots, names, against)
+    differences(roots, names, against, block_params)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", type=Path, nargs="+",
                         help="<OUT>/runs of scripts/shapes-dolly.sh, and/or results/shapes-dolly (kept runs)")
-    parser.add_argument("--against", default="even-15", help="the shape every other is compared with")
+    parser.add_argument("--against", nargs="+", default=["even-15", "even-8"],
+                        help="the shapes every other is compared with (each with the nearest in block parameters)")
     parser.add_argument("--prune-rows", type=Path, default=Path("results/prune-dolly.jsonl"),
                         help="the shapes' kdlab.prune rows, for runs kept without their student")
     args = parser.parse_args()

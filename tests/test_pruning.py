@@ -427,3 +427,35 @@ def test_shapes_table_in_results_is_reproduced_from_the_kept_runs():
     block = re.search(r"<!-- scripts/shapes-table.py results/shapes-dolly -->\n(.*?)<!-- end -->", results, re.S)
     assert block is not None, "RESULTS.md lost the table's markers"
     assert block.group(1) == printed
+
+
+def test_shapes_table_compares_each_shape_with_the_even_cut_nearest_in_size(tmp_path):
+    """scripts/shapes-table.py: a shape is compared with the ``--against`` shape nearest to it in block
+    parameters (a 25 % shape with the 8-block cut, a 50 % one with the 15-block cut), paired over the rows both
+    scored; the machine of each run is listed."""
+    import json
+    import subprocess
+    import sys
+
+    sizes = {"even-15": 50, "even-8": 27, "bi-15": 50, "small": 25}
+    gains = {"even-15": 10.0, "even-8": 4.0, "bi-15": 13.0, "small": 6.5}
+    prune_rows = tmp_path / "prune.jsonl"
+    shape = {"num_layers": 1, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1}
+    prune_rows.write_text("".join(json.dumps({"student": name, "student_params": size + 28,
+                                              "student_block_params": size, "shape": shape}) + "\n"
+                                  for name, size in sizes.items()))
+    for name, gain in gains.items():
+        run = tmp_path / "kept" / f"shape-{name}-sft"
+        run.mkdir(parents=True)
+        scores = {split: {"rougeL": gain, "loss": 3.0, "per_row": {"id": [0, 1, 2], "rougeL": [gain - 1, gain,
+                                                                                              gain + 1]}}
+                  for split in ("valid", "dolly")}
+        (run / "results.json").write_text(json.dumps({"run": {"machine": f"cpu-{name}"},
+                                                      "eval": {"student_init": scores, "student": scores}}))
+        (run / "metrics.jsonl").write_text('{"step": 1, "train/step_time_s": 2.0}\n')
+    printed = subprocess.run([sys.executable, "scripts/shapes-table.py", str(tmp_path / "kept"), "--prune-rows",
+                              str(prune_rows)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+    assert "| small | sft | even-8 | +2.50 [+2.50, +2.50] (3 rows) | +2.50 [+2.50, +2.50] (3 rows) |" in printed
+    assert "| bi-15 | sft | even-15 | +3.00 [+3.00, +3.00] (3 rows) | +3.00 [+3.00, +3.00] (3 rows) |" in printed
+    assert "| even-8 | sft |" not in printed and "- cpu-small: small sft" in printed
