@@ -21,7 +21,7 @@ install:
 # tokens (CI, 2026-12-07: the served-teacher tests failed with "Remote end closed connection"); a wheel
 # cached on one CPU can also die of SIGILL on another.
 install-server:
-	CMAKE_ARGS="-DGGML_NATIVE=OFF $$CMAKE_ARGS" $(PIP) install -q --no-cache-dir $(CONSTRAINTS) "llama-cpp-python[server]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $$CMAKE_ARGS" $(PIP) install -q $(CONSTRAINTS) --no-cache-dir "llama-cpp-python[server]"
 
 # Resolve the newest releases in a throw-away virtual environment and write them as the lock. Run it
 # deliberately, then run `make test` in a fresh environment before committing the new lock.

@@ -33,7 +33,7 @@ def declared() -> list[Requirement]:
     """What make install / install-server ask for: the Makefile's own pins and pyproject's dependencies + test."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     makefile = (ROOT / "Makefile").read_text()
-    asked = re.findall(r"install -q \$\(CONSTRAINTS\) (?:--no-deps )?(\"[^\"]+\"|\S+==\S+)", makefile)
+    asked = re.findall(r"install -q \$\(CONSTRAINTS\) (?:--[\w-]+ )*(\"[^\"]+\"|\S+==\S+)", makefile)
     return [Requirement(r.strip('"')) for r in asked] + [Requirement(r) for r in
                                                           project["dependencies"] + project["optional-dependencies"]["test"]]
 
