@@ -84,18 +84,18 @@ class DiskFull(OSError):
         self.free, self.free_inodes = _free(Path(path).parent), _free(Path(path).parent, inodes=True)
 
     def __str__(self) -> str:
-        needed = f"about {_size_text(self.needed)} needed" if self.needed else ""
+        needed = f"about {size_text(self.needed)} needed" if self.needed else ""
         if self.free_inodes == 0:
             room = "no free inodes there (too many files)"
         elif self.errno == errno.EDQUOT or self.free is None:
             room = needed
         else:   # what a write held when the disk filled is no more than was free: only an estimate says more
-            room = f"{_size_text(self.free)} free there, " + (needed if self.needed > self.free else "more needed")
+            room = f"{size_text(self.free)} free there, " + (needed if self.needed > self.free else "more needed")
         return (f"{self.strerror} writing {self.filename}{f' ({room})' if room else ''}; the files written before "
                 f"are intact: free space and run the same command again to resume")
 
 
-def _size_text(size: int) -> str:
+def size_text(size: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
@@ -119,7 +119,7 @@ def tensor_bytes(obj) -> int:
     return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
-def _size(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
     """Bytes in ``path`` (a file, or a folder's files; 0 when it is gone)."""
     with contextlib.suppress(OSError):
         if not path.is_dir():
@@ -227,7 +227,7 @@ def atomic_dir(target: Path, needed: int = 0):
     ``target``, harmless.
     """
     target = Path(target)
-    needed = needed or _size(target)
+    needed = needed or disk_bytes(target)
     with on_full_disk(target, needed):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kdlab"
-ENTRY_POINTS = {"kdlab.run", "kdlab.eval", "kdlab.cache_teacher", "kdlab.prune", "kdlab.report"}
+ENTRY_POINTS = {"kdlab.run", "kdlab.eval", "kdlab.cache_teacher", "kdlab.prune", "kdlab.report",
+                "kdlab.clean"}
 
 
 def module_name(path: Path) -> str:
