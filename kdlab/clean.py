@@ -6,9 +6,9 @@ Once ``results.json`` says ``completed`` nothing reads them: running the same co
 finished results without loading a checkpoint, and the trained students stay in ``student/`` and
 ``student_best/`` (``from_pretrained``). This removes ``checkpoints/`` of every completed run folder under the
 given folders and leaves everything else: an unfinished job keeps its checkpoints (it resumes from them),
-and a folder a live job holds (its run lock, :mod:`kdlab.runlock`) is skipped and named. A removal
-interrupted half-way leaves a completed folder that still reports its results; running this again
-finishes it. It prints each folder it cleaned with the bytes freed, then the total.
+and a folder a live job holds (its run lock, :mod:`kdlab.runlock`) or that cannot be locked is skipped
+and named. A removal interrupted half-way leaves a completed folder that still reports its results;
+running this again finishes it. It prints each folder it cleaned with the bytes freed, then the total.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kdlab import runlock
 from kdlab.checkpoint import disk_bytes, read_json, size_text
+from kdlab.config import ConfigError
 
 
 def completed(run_dir: Path) -> bool:
@@ -42,8 +43,8 @@ def clean(folders: list[Path], dry_run: bool = False) -> tuple[list[tuple[Path, 
                 if not dry_run:
                     shutil.rmtree(run_dir / "checkpoints")
                 removed.append((run_dir, size))
-        except runlock.RunFolderBusy as busy:
-            skipped.append(str(busy))
+        except ConfigError as why:   # a live job holds it, or its file system cannot lock
+            skipped.append(str(why))
     return removed, skipped
 
 

@@ -40,3 +40,18 @@ def test_clean_removes_only_completed_runs_checkpoints_and_a_cleaned_run_still_r
 def test_clean_refuses_a_folder_that_is_not_there(tmp_path):
     proc = run_kdlab(str(tmp_path / "nowhere"), module="kdlab.clean", check=False)
     assert proc.returncode == 2 and f"{tmp_path / 'nowhere'} is not a folder" in proc.stderr
+
+
+def test_a_folder_that_cannot_be_locked_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    from kdlab import clean, runlock
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "results.json").write_text('{"run": {"status": "completed"}}')
+
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    removed, skipped = clean.clean([tmp_path])
+    assert removed == [] and (run / "checkpoints").is_dir()
+    assert len(skipped) == 1 and "does not support flock" in skipped[0]
